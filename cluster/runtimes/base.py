@@ -1,0 +1,305 @@
+"""One interface for every sandbox runtime.
+
+A `SandboxRuntime` launches a `Sandbox` from a `LaunchRequest`. Every sandbox has the
+same lifecycle, in this order: `launch` → `events()` (and `send()`) → `wait()` →
+`cleanup()`; `kill()` may come at any point, and `cleanup()` is guaranteed to be safe
+after a failed launch, twice, or after a kill. `stats()` reads current resource use.
+
+`ProcessSandbox` does the work shared by runtimes that drive a local host process
+(gvisor, bubblewrap): the wall-clock deadline, the output cap, parsing of the hostile
+channel, a bounded tail of stderr, and kill-once semantics. Subclasses say how to start,
+stop and measure their process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from proctor.protocol import EventParser, MAX_LINE_BYTES
+
+ExitReason = Literal["exited", "deadline", "output_cap", "oom", "killed", "launch_failed"]
+
+
+class RuntimeUnavailable(RuntimeError):
+    """No usable sandbox runtime. Caught by the CLI and the API, which refuse to run
+    anything and show the message (it says how to install one)."""
+
+
+class SandboxError(RuntimeError):
+    """A sandbox could not be launched or controlled. Caught by the shard executor, which
+    turns it into a failed shard outcome."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    cpus: float = 1.0
+    memory_bytes: int = 1024**3
+    pids: int = 128
+    timeout_s: float = 600.0
+    output_cap_bytes: int = 16 * 1024**2
+    disk_bytes: int = 1024**3
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What to run in a sandbox and with which limits.
+
+    `argv` runs inside as a non-root user with `workspace` (a host folder) mounted
+    read-write at `/workspace`, `ro_binds` (host path → sandbox path) mounted read-only,
+    and `env` as its whole environment.
+    """
+
+    sandbox_id: str
+    argv: tuple[str, ...]
+    workspace: Path
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    env: tuple[tuple[str, str], ...] = ()
+    ro_binds: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class SandboxStats:
+    memory_bytes: int | None = None
+    cpu_seconds: float | None = None
+    pids: int | None = None
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class SandboxExit:
+    """How a sandbox ended. `reason` is `exited` when its process ended on its own."""
+
+    exit_code: int | None
+    reason: ExitReason
+    detail: str = ""
+    stderr_tail: str = ""
+    duration_s: float = 0.0
+
+
+class Sandbox(ABC):
+    runtime: ClassVar[str]
+    isolation: ClassVar[Literal["strong", "weak"]]
+
+    def __init__(self, request: LaunchRequest):
+        self.request = request
+        self.id = request.sandbox_id
+        self.parser = EventParser(max_line_bytes=min(MAX_LINE_BYTES, request.limits.output_cap_bytes))
+
+    @abstractmethod
+    def events(self) -> AsyncIterator[Any]:
+        """Validated protocol events, in order, until the channel closes."""
+
+    @abstractmethod
+    async def send(self, line: bytes) -> None:
+        """Write one protocol line to the sandbox. Silently dropped once it has ended."""
+
+    @abstractmethod
+    async def stats(self) -> SandboxStats: ...
+
+    @abstractmethod
+    async def kill(self, reason: ExitReason = "killed", detail: str = "") -> None:
+        """Stop everything in the sandbox now. Idempotent; the first reason wins."""
+
+    @abstractmethod
+    async def wait(self) -> SandboxExit: ...
+
+    @abstractmethod
+    async def cleanup(self) -> None:
+        """Remove everything the sandbox left on the host. Safe to call at any time, twice."""
+
+
+class SandboxRuntime(ABC):
+    name: ClassVar[str]
+    isolation: ClassVar[Literal["strong", "weak"]]
+
+    @classmethod
+    @abstractmethod
+    def check(cls) -> None:
+        """Raise `RuntimeUnavailable` (saying how to install it) if it cannot run here."""
+
+    @abstractmethod
+    async def launch(self, request: LaunchRequest) -> Sandbox:
+        """Start a sandbox. Raises `SandboxError`; leaves nothing behind when it does."""
+
+
+class ProcessSandbox(Sandbox):
+    """A sandbox driven through one local host process with piped stdin/stdout/stderr."""
+
+    read_chunk = 64 * 1024
+    stderr_tail_bytes = 16 * 1024
+
+    def __init__(self, request: LaunchRequest):
+        super().__init__(request)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started = 0.0
+        self._reason: ExitReason | None = None
+        self._detail = ""
+        self._output = 0
+        self._stderr: deque[bytes] = deque()
+        self._stderr_len = 0
+        self._deadline: asyncio.TimerHandle | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._exit: SandboxExit | None = None
+        self._killing: asyncio.Task[None] | None = None
+
+    # -- what a subclass provides
+
+    @abstractmethod
+    def host_argv(self) -> list[str]:
+        """The host command that runs `request.argv` sandboxed."""
+
+    def prepare(self) -> None:
+        """Write what the host command needs (bundle, cgroup) before it starts."""
+
+    def preexec(self) -> None:
+        """Runs in the child between fork and exec (e.g. joining a cgroup)."""
+
+    @abstractmethod
+    async def force_kill(self) -> None:
+        """Kill every process of the sandbox, including ones that left the process group."""
+
+    def exit_reason_hint(self, returncode: int | None) -> tuple[ExitReason, str] | None:
+        """A runtime may recognise an OOM kill or similar from what it knows."""
+        return None
+
+    async def remove(self) -> None:
+        """Remove bundles, state and cgroups."""
+
+    # -- the shared lifecycle
+
+    async def start(self) -> None:
+        try:
+            self.prepare()
+            self.started = time.monotonic()
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.host_argv(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=_host_env(),
+                start_new_session=True,
+                preexec_fn=self.preexec,
+                close_fds=True,
+            )
+        except Exception as exc:
+            await self.cleanup()
+            raise SandboxError(f"{self.runtime}: could not start sandbox {self.id}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.request.limits.timeout_s, self._on_deadline)
+        self._stderr_task = asyncio.create_task(self._drain_stderr())
+
+    def _on_deadline(self) -> None:
+        self._kill_soon("deadline", f"wall-clock deadline of {self.request.limits.timeout_s:g}s reached")
+
+    def _kill_soon(self, reason: ExitReason, detail: str) -> None:
+        if self._killing is None:
+            self._killing = asyncio.ensure_future(self.kill(reason, detail))
+
+    def _count_output(self, n: int) -> bool:
+        self._output += n
+        if self._output > self.request.limits.output_cap_bytes:
+            self._kill_soon("output_cap", f"output cap of {self.request.limits.output_cap_bytes} bytes exceeded")
+            return False
+        return True
+
+    async def _drain_stderr(self) -> None:
+        assert self.proc and self.proc.stderr
+        while chunk := await self.proc.stderr.read(self.read_chunk):
+            if not self._count_output(len(chunk)):
+                continue
+            self._stderr.append(chunk)
+            self._stderr_len += len(chunk)
+            while self._stderr_len > self.stderr_tail_bytes and len(self._stderr) > 1:
+                self._stderr_len -= len(self._stderr.popleft())
+
+    async def events(self) -> AsyncIterator[Any]:
+        assert self.proc and self.proc.stdout
+        while True:
+            chunk = await self.proc.stdout.read(self.read_chunk)
+            if not chunk:
+                break
+            if not self._count_output(len(chunk)):
+                break
+            for event in self.parser.feed(chunk):
+                yield event
+        if self._reason != "output_cap":
+            for event in self.parser.finish():
+                yield event
+
+    async def send(self, line: bytes) -> None:
+        if self.proc is None or self.proc.stdin is None or self.proc.returncode is not None:
+            return
+        try:
+            self.proc.stdin.write(line)
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            pass
+
+    async def kill(self, reason: ExitReason = "killed", detail: str = "") -> None:
+        if self._reason is None:
+            self._reason, self._detail = reason, detail
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await self.force_kill()
+
+    async def wait(self) -> SandboxExit:
+        if self._exit is not None:
+            return self._exit
+        if self.proc is None:
+            return SandboxExit(None, "launch_failed", self._detail)
+        code = await self.proc.wait()
+        if self._killing is not None:
+            await asyncio.gather(self._killing, return_exceptions=True)
+        await self.force_kill()  # nothing of the sandbox outlives its main process
+        if self._stderr_task is not None:
+            try:
+                await asyncio.wait_for(self._stderr_task, 5)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._stderr_task.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
+        reason, detail = self._reason, self._detail
+        if reason is None:
+            hint = self.exit_reason_hint(code)
+            reason, detail = hint if hint else ("exited", "")
+        self._exit = SandboxExit(
+            exit_code=code,
+            reason=reason,
+            detail=detail,
+            stderr_tail=b"".join(self._stderr).decode("utf-8", "replace")[-self.stderr_tail_bytes:],
+            duration_s=time.monotonic() - self.started,
+        )
+        return self._exit
+
+    async def cleanup(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            await self.kill("killed", "cleaned up while running")
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                pass
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._stderr_task is not None and not self._stderr_task.done():
+            self._stderr_task.cancel()
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        await self.remove()
+
+
+def _host_env() -> dict[str, str]:
+    """The environment of the host-side runtime process (never of the sandboxed one)."""
+    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}

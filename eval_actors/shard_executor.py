@@ -1,0 +1,327 @@
+"""Runs one shard in a sandbox and returns its outcome. Plain asyncio; the supervisors
+of the control plane wrap it.
+
+The executor launches the sandbox, sends the shard over the channel, answers `generate`
+through the model gateway, copies declared artifacts out (bounded, no symlinks), and
+enforces cancellation; the runtime enforces the deadline and the output cap. It trusts
+nothing from the sandbox: inputs and targets in the records come from the dataset, a
+sample the shard did not contain is rejected, and every expected (sample, epoch) gets a
+row — a sample the sandbox never reported gets one with an error, so none is lost.
+
+`run()` never raises for a shard's failure: it returns a `ShardOutcome` (failures are
+data). It raises only `asyncio.CancelledError`, after killing and removing the sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cluster.results import SampleRecord
+from cluster.runtimes import LaunchRequest, SandboxError, SandboxExit, SandboxLimits, SandboxRuntime
+from cluster.runtimes.layout import SANDBOX_USER, harness_layout
+from proctor.protocol import Cancel, Rejection, ShardMessage, ShardSample, encode
+from proctor.spec import EvaluationSpec, Sample
+
+from .gateway import GatewayCall, ModelGateway
+
+log = logging.getLogger("proctor.executor")
+
+MAX_ARTIFACT_BYTES = 16 * 1024**2
+MAX_ARTIFACTS_TOTAL = 64 * 1024**2
+CANCEL_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    eval_id: str
+    shard_id: str
+    spec: EvaluationSpec
+    samples: tuple[Sample, ...]
+    epochs: tuple[int, ...] = (1,)
+
+    @property
+    def units(self) -> int:
+        return len(self.samples) * len(self.epochs)
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    eval_id: str
+    shard_id: str
+    status: Literal["succeeded", "failed", "cancelled"]
+    records: tuple[SampleRecord, ...]
+    runtime: str
+    isolation: str
+    error: str | None = None
+    exit: SandboxExit | None = None
+    rejections: tuple[Rejection, ...] = ()
+    artifacts: tuple[tuple[str, bytes], ...] = ()
+    logs: tuple[str, ...] = ()
+    duration_s: float = 0.0
+    first_event_s: float | None = None
+
+
+def render_input(value: str | list[Any]) -> str:
+    if isinstance(value, str):
+        return value
+    return "\n".join(f"{m.role}: {m.content}" for m in value)
+
+
+def render_target(value: str | list[str]) -> str:
+    return value if isinstance(value, str) else " | ".join(value)
+
+
+def model_label(spec: EvaluationSpec) -> str:
+    m = spec.model
+    return {"reference": "reference", "python": f"python:{getattr(m, 'callable', '')}",
+            "openai": f"openai:{getattr(m, 'model', '')}"}[m.adapter]
+
+
+@dataclass
+class _Run:
+    """What one shard's run has gathered so far."""
+
+    work: ShardWork
+    expected: dict[tuple[str, int], Sample]
+    records: dict[tuple[str, int], SampleRecord] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list)
+    artifacts: list[tuple[str, bytes]] = field(default_factory=list)
+    artifact_bytes: int = 0
+    logs: list[str] = field(default_factory=list)
+    done: Any = None
+    first_event_s: float | None = None
+
+
+class ShardExecutor:
+    def __init__(self, runtime: SandboxRuntime, gateway: ModelGateway, sandbox_dir: Path,
+                 rescore: Callable[[Any, str, Sample], dict[str, float]] | None = None):
+        self.runtime = runtime
+        self.gateway = gateway
+        self.sandbox_dir = sandbox_dir
+        self.rescore = rescore
+        self.layout = harness_layout(unprivileged=runtime.isolation == "weak")
+        self.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        self.sandbox_dir.chmod(0o711)
+
+    async def run(self, work: ShardWork, on_event: Callable[[Any], None] | None = None,
+                  cancel: asyncio.Event | None = None) -> ShardOutcome:
+        started = time.monotonic()
+        spec = work.spec
+        sid = _sandbox_id(work)
+        workspace = self.sandbox_dir / f"ws-{sid}"
+        run = _Run(work, {(str(s.id), e): s for e in work.epochs for s in work.samples})
+        sandbox = None
+        try:
+            _make_workspace(workspace, spec.sandbox.files)
+            request = LaunchRequest(
+                sandbox_id=sid,
+                argv=self.layout.argv(),
+                workspace=workspace,
+                limits=SandboxLimits(
+                    cpus=spec.sandbox.cpus, memory_bytes=spec.sandbox.memory, pids=spec.sandbox.pids,
+                    timeout_s=spec.sandbox.timeout_s, output_cap_bytes=spec.sandbox.output_cap,
+                    disk_bytes=spec.sandbox.disk,
+                ),
+                env=self.layout.env,
+                ro_binds=self.layout.ro_binds,
+            )
+            try:
+                sandbox = await self.runtime.launch(request)
+            except SandboxError as exc:
+                return self._outcome(run, "failed", str(exc), None, started)
+            await sandbox.send(encode(_shard_message(work)))
+            watcher = asyncio.create_task(self._watch_cancel(sandbox, cancel)) if cancel else None
+            pending: set[asyncio.Task[None]] = set()
+            try:
+                async for event in sandbox.events():
+                    if run.first_event_s is None:
+                        run.first_event_s = time.monotonic() - started
+                    self._handle(run, event, sandbox, workspace, pending)
+                    if on_event is not None:
+                        on_event(event)
+                exit_ = await sandbox.wait()
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                for task in pending:
+                    task.cancel()
+            run.rejections.extend(sandbox.parser.rejections)
+            status, error = self._judge(run, exit_, cancel)
+            return self._outcome(run, status, error, exit_, started)
+        except asyncio.CancelledError:
+            if sandbox is not None:
+                await sandbox.kill("killed", "supervisor cancelled")
+            raise
+        finally:
+            if sandbox is not None:
+                await sandbox.cleanup()
+            shutil.rmtree(workspace, ignore_errors=True)
+
+    async def _watch_cancel(self, sandbox: Any, cancel: asyncio.Event) -> None:
+        await cancel.wait()
+        await sandbox.send(encode(Cancel(reason="cancelled by the platform")))
+        await asyncio.sleep(CANCEL_GRACE_S)
+        await sandbox.kill("killed", "cancelled: the harness did not stop within the grace period")
+
+    def _handle(self, run: _Run, event: Any, sandbox: Any, workspace: Path, pending: set[asyncio.Task[None]]) -> None:
+        work = run.work
+        if event.type == "sample":
+            key = (event.sample_id, event.epoch)
+            sample = run.expected.get(key)
+            if sample is None or key in run.records:
+                why = "duplicate" if key in run.records else "not in this shard"
+                run.rejections.append(Rejection(f"sample {event.sample_id!r} epoch {event.epoch}: {why}", "", 0))
+                return
+            run.records[key] = self._record(work, sample, event)
+        elif event.type == "generate":
+            call = GatewayCall(work.eval_id, work.shard_id, work.spec.model, work.spec.safety, event)
+            task = asyncio.create_task(self._answer(sandbox, call))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        elif event.type == "artifact":
+            self._collect_artifact(run, workspace, event)
+        elif event.type == "log":
+            run.logs.append(f"{event.level}: {event.message[:2000]}")
+            del run.logs[: max(0, len(run.logs) - 1000)]
+        elif event.type == "done":
+            run.done = event
+
+    async def _answer(self, sandbox: Any, call: GatewayCall) -> None:
+        result = await self.gateway.generate(call)
+        await sandbox.send(encode(result))
+
+    def _record(self, work: ShardWork, sample: Sample, event: Any) -> SampleRecord:
+        scores = {name: s.value for name, s in event.scores.items() if name in work.spec.scorer_names()}
+        error = event.error
+        if self.rescore is not None:
+            trusted = self.rescore(work.spec, event.output, sample)
+            for name, value in trusted.items():
+                if name in scores and abs(scores[name] - value) > 1e-9:
+                    error = (error + "; " if error else "") + f"score {name!r} from the sandbox disagreed; recomputed outside"
+                scores[name] = value
+        return SampleRecord(
+            shard_id=work.shard_id,
+            sample_id=str(sample.id),
+            epoch=event.epoch,
+            input=render_input(sample.input),
+            target=render_target(sample.target),
+            output=event.output,
+            scores=scores,
+            answers={n: s.answer for n, s in event.scores.items() if s.answer is not None and n in scores},
+            error=error,
+            started_at=event.started_at,
+            completed_at=event.completed_at,
+            input_tokens=event.usage.input_tokens,
+            output_tokens=event.usage.output_tokens,
+            model_calls=event.usage.calls,
+            turns=event.turns,
+            model=model_label(work.spec),
+            runtime=self.runtime.name,
+            isolation=self.runtime.isolation,
+        )
+
+    def _collect_artifact(self, run: _Run, workspace: Path, event: Any) -> None:
+        rel = Path(event.path)
+        if rel.is_absolute() or ".." in rel.parts:
+            run.rejections.append(Rejection(f"artifact path {event.path!r} leaves the workspace", "", 0))
+            return
+        try:
+            fd = os.open(workspace / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            run.rejections.append(Rejection(f"artifact {event.path!r}: {exc.strerror}", "", 0))
+            return
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                run.rejections.append(Rejection(f"artifact {event.path!r} is not a regular file", "", 0))
+                return
+            room = min(MAX_ARTIFACT_BYTES, MAX_ARTIFACTS_TOTAL - run.artifact_bytes)
+            data = f.read(room + 1)
+        if len(data) > room:
+            run.rejections.append(Rejection(f"artifact {event.path!r} is over the size limit", "", 0))
+            return
+        run.artifact_bytes += len(data)
+        run.artifacts.append((str(rel), data))
+
+    def _judge(self, run: _Run, exit_: SandboxExit, cancel: asyncio.Event | None) -> tuple[str, str | None]:
+        if cancel is not None and cancel.is_set():
+            return "cancelled", "cancelled"
+        if exit_.reason != "exited":
+            return "failed", f"sandbox {exit_.reason}: {exit_.detail}"
+        if run.done is None:
+            tail = exit_.stderr_tail.strip().splitlines()[-3:]
+            return "failed", f"harness exited with code {exit_.exit_code} before done" + (f": {' / '.join(tail)}" if tail else "")
+        if run.done.status != "ok":
+            return "failed", f"harness reported {run.done.status}: {run.done.error}"
+        if exit_.exit_code != 0:
+            return "failed", f"harness exited with code {exit_.exit_code}"
+        if len(run.records) < len(run.expected):
+            return "failed", f"{len(run.expected) - len(run.records)} samples were not reported"
+        return "succeeded", None
+
+    def _outcome(self, run: _Run, status: str, error: str | None, exit_: SandboxExit | None,
+                 started: float) -> ShardOutcome:
+        work = run.work
+        records = []
+        for (sid, epoch), sample in run.expected.items():
+            rec = run.records.get((sid, epoch))
+            if rec is None:
+                rec = SampleRecord(
+                    shard_id=work.shard_id, sample_id=sid, epoch=epoch, input=render_input(sample.input),
+                    target=render_target(sample.target), output="", error=f"not completed: {error or 'unknown'}",
+                    model=model_label(work.spec), runtime=self.runtime.name, isolation=self.runtime.isolation,
+                )
+            records.append(rec)
+        if error:
+            log.warning("shard eval=%s shard=%s %s: %s", work.eval_id, work.shard_id, status, error)
+        return ShardOutcome(
+            eval_id=work.eval_id, shard_id=work.shard_id, status=status,  # type: ignore[arg-type]
+            records=tuple(records), runtime=self.runtime.name, isolation=self.runtime.isolation,
+            error=error, exit=exit_, rejections=tuple(run.rejections), artifacts=tuple(run.artifacts),
+            logs=tuple(run.logs), duration_s=time.monotonic() - started, first_event_s=run.first_event_s,
+        )
+
+
+def _sandbox_id(work: ShardWork) -> str:
+    raw = f"{work.eval_id}-{work.shard_id}-{os.urandom(3).hex()}"
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)[:120]
+
+
+def _make_workspace(path: Path, files: dict[str, str]) -> None:
+    path.mkdir(mode=0o700)
+    for rel, content in files.items():
+        target = path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, SANDBOX_USER, SANDBOX_USER)
+
+
+def _shard_message(work: ShardWork) -> ShardMessage:
+    spec = work.spec
+    return ShardMessage(
+        eval_id=work.eval_id,
+        shard_id=work.shard_id,
+        model=spec.model.model_dump(mode="json"),
+        scorers=[s.model_dump(mode="json") for s in spec.scorers],
+        samples=[
+            ShardSample(
+                id=str(s.id),
+                input=s.input if isinstance(s.input, str) else [m.model_dump() for m in s.input],
+                target=s.target, choices=s.choices, metadata=s.metadata, files=s.files,
+            )
+            for s in work.samples
+        ],
+        epochs=list(work.epochs),
+        agentic=spec.agentic,
+        max_turns=spec.safety.max_turns,
+        tool_timeout_s=spec.sandbox.tool_timeout_s,
+    )

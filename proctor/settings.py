@@ -1,0 +1,60 @@
+"""The one settings object. Nothing else in Proctor reads the environment.
+
+Every key can be set as `PROCTOR_<NAME>` (e.g. `PROCTOR_RESULTS_URI`); a bad value fails
+with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    # root's home is 0700; the sandbox user must reach its workspace, so root uses /var/lib
+    return Path("/var/lib/proctor") if os.geteuid() == 0 else Path.home() / ".local/share/proctor"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROCTOR_", extra="ignore", frozen=True)
+
+    home: Path = Field(default_factory=_default_home, description="data folder: sandboxes, results, state")
+    results_uri: str | None = Field(None, description="file:///path or s3://bucket/prefix; <home>/results if unset")
+    runtime: Literal["auto", "gvisor", "bubblewrap", "kubernetes"] = Field(
+        "auto", description="sandbox runtime used when a spec says 'auto'"
+    )
+    runsc_platform: Literal["ptrace", "systrap", "kvm"] = "ptrace"
+    max_concurrent_shards: int = Field(0, ge=0, description="shards run at once by a local run; 0: the CPU count")
+    s3_endpoint_url: str | None = Field(None, description="endpoint of an S3-compatible store")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.home / "sandboxes"
+
+    @property
+    def results(self) -> str:
+        return self.results_uri or (self.home / "results").as_uri()
+
+    def secret(self, name: str) -> str | None:
+        """A credential named by a spec (e.g. a model's `api_key_env`), read outside any sandbox."""
+        return os.environ.get(name)
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value. Caught by the CLI, which prints it and exits 2."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = "PROCTOR_" + "_".join(str(p) for p in err["loc"]).upper()
+        raise SettingsError(f"{key}: {err['msg']}") from None
