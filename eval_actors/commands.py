@@ -83,7 +83,8 @@ def print_result(r: EvaluationResult) -> None:
     s = r.summary
     console = Console()
     colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(r.status, "white")
-    table = Table(title=f"{s['name']}  ·  {r.eval_id}  ·  [{colour}]{r.status}[/]", title_justify="left")
+    table = Table(title=f"[bold]{s['name']}[/]  [{colour}]{r.status}[/]", caption=r.eval_id,
+                  title_justify="left", caption_justify="left")
     for col in ("scorer", "mean", "95% CI", "n"):
         table.add_column(col, justify="left" if col == "scorer" else "right")
     for name, m in s["metrics"].items():

@@ -42,8 +42,11 @@ class BubblewrapSandbox(ProcessSandbox):
         (etc / "group").write_text(f"nogroup:x:{SANDBOX_USER}:\n")
         (etc / "hosts").write_text("127.0.0.1 localhost\n")
         (etc / "nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files\n")
-        for p in (self.dir, etc):
-            p.chmod(0o755)
+        for _host, inside in self.request.ro_binds:
+            if inside.startswith("/etc/"):
+                (etc / inside.removeprefix("/etc/")).mkdir(parents=True, exist_ok=True)  # mount point
+        for p in (self.dir, *self.dir.rglob("*")):
+            p.chmod(0o755 if p.is_dir() else 0o644)
         self.cgroup = CgroupSet.create(f"bwrap-{self.id}", lim.memory_bytes, lim.pids, lim.cpus)
         if self.cgroup is None:
             raise RuntimeUnavailable(
@@ -68,12 +71,12 @@ class BubblewrapSandbox(ProcessSandbox):
         ]
         for key, value in req.env:
             argv += ["--setenv", key, value]
+        argv += ["--ro-bind", str(self.dir / "etc"), "/etc"]
         for host, inside in req.ro_binds:
             argv += ["--ro-bind", host, inside]
         for link, target in (("/bin", "usr/bin"), ("/sbin", "usr/sbin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64")):
             argv += ["--symlink", target, link]
         argv += [
-            "--ro-bind", str(self.dir / "etc"), "/etc",
             "--proc", "/proc",
             "--dev", "/dev",
             "--tmpfs", "/tmp",

@@ -50,6 +50,8 @@ def harness_layout(unprivileged: bool = False) -> HarnessLayout:
             )
         base = Path("/usr")
     binds: list[tuple[str, str]] = [("/usr", "/usr")]
+    if Path("/etc/alternatives").is_dir():
+        binds.append(("/etc/alternatives", "/etc/alternatives"))  # awk, pager, ... are links through here
     if not str(base).startswith("/usr/"):
         binds.append((str(base), str(base)))
     package = Path(proctor.__file__).resolve().parent

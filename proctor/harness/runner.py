@@ -1,0 +1,278 @@
+"""The run loop: every sample × epoch of a shard, through the model, the tool loop and
+the scorers, reported as it completes.
+
+A sample whose model call or scorer raises is still reported, with `error` set; the
+shard goes on. `run_shard` ends with `done`: ok when every sample was attempted,
+cancelled on a `cancel`, error on anything unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from hashlib import sha1
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from proctor.harness.adapters import ModelAdapter, Reply, make_adapter
+from proctor.harness.channel import Cancelled, Channel, clip
+from proctor.harness.scorers import LETTERS, Score, Scorer, build_scorer
+from proctor.harness.tools import BASH_TOOL, run_command, tool_message_content
+from proctor.protocol import MetricEvent, ProgressEvent, SampleEvent, ShardMessage, ShardSample, Usage
+from proctor.spec import ModelSpec, ScorerSpec, SpecError
+
+AGENT_SYSTEM_PROMPT = (
+    "You can run shell commands with the bash tool; they run in your working directory. "
+    "When you are done, give your final answer without calling a tool."
+)
+_ROLES = ("system", "user", "assistant", "tool")
+MAX_SCORERS = 64
+
+
+def validate_shard(shard: ShardMessage) -> tuple[Any, list[Any]]:
+    """The shard's model and scorer specs, validated again. Raises `SpecError`."""
+    errors: list[tuple[str, str]] = []
+    model = None
+    try:
+        model = TypeAdapter(ModelSpec).validate_python(shard.model)
+    except ValidationError as exc:
+        errors += [(f"model.{f}", r) for f, r in SpecError.from_validation(exc).errors]
+    scorers = []
+    for i, raw in enumerate(shard.scorers):
+        try:
+            scorers.append(TypeAdapter(ScorerSpec).validate_python(raw))
+        except ValidationError as exc:
+            errors += [(f"scorers.{i}.{f}", r) for f, r in SpecError.from_validation(exc).errors]
+    if len(shard.scorers) > MAX_SCORERS:
+        errors.append(("scorers", f"{len(shard.scorers)} scorers; a sample event holds at most {MAX_SCORERS}"))
+    if errors:
+        raise SpecError(errors, "shard")
+    return model, scorers
+
+
+def sample_dir_name(sample_id: str, epoch: int) -> str:
+    """`<id>-e<epoch>`, the id kept to [A-Za-z0-9._-]; a hash tells apart ids that differ
+    only in the characters replaced."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)[:100]
+    if safe != sample_id or safe.strip(".") == "":
+        safe = f"{safe}-{sha1(sample_id.encode()).hexdigest()[:8]}"
+    return f"{safe}-e{epoch}"
+
+
+def prepare_workdir(workspace: Path, sample: ShardSample, epoch: int) -> Path:
+    """Create the sample's directory and write its files. Raises `ValueError` on a path
+    that would leave it."""
+    workdir = workspace / sample_dir_name(sample.id, epoch)
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = workdir.resolve()
+    for rel, content in sample.files.items():
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts:
+            raise ValueError(f"sample file {rel!r} must be a relative path inside the workspace, without '..'")
+        target = workdir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.resolve().is_relative_to(root):
+            raise ValueError(f"sample file {rel!r} leads outside the sample directory")
+        target.write_text(content)
+    return workdir
+
+
+def render_input(sample: ShardSample) -> str:
+    if isinstance(sample.input, str):
+        return sample.input
+    return "\n\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in sample.input)
+
+
+def render_target(sample: ShardSample) -> str:
+    return sample.target if isinstance(sample.target, str) else " | ".join(sample.target)
+
+
+def initial_messages(sample: ShardSample, agentic: bool) -> list[dict[str, Any]]:
+    """The chat a model starts from; choices are listed under the last user message."""
+    if isinstance(sample.input, str):
+        messages = [{"role": "user", "content": sample.input}]
+    else:
+        messages = []
+        for i, raw in enumerate(sample.input):
+            role = raw.get("role")
+            if role not in _ROLES:
+                raise ValueError(f"input message {i}: role {role!r} is not one of {', '.join(_ROLES)}")
+            messages.append({"role": role, "content": str(raw.get("content") or "")})
+    if sample.choices:
+        listed = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(sample.choices))
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        extra = f"{listed}\n\nAnswer with the letter of the correct choice."
+        if last_user is None:
+            messages.append({"role": "user", "content": extra})
+        else:
+            messages[last_user]["content"] += "\n\n" + extra
+    if agentic and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": AGENT_SYSTEM_PROMPT})
+    return messages
+
+
+@dataclass
+class Conversation:
+    """One sample's dealings with the model so far; kept when the model raises."""
+
+    output: str = ""
+    turns: int = 0
+    usage: Usage = field(default_factory=Usage)
+
+    def add(self, reply: Reply) -> None:
+        self.output = reply.text
+        self.turns += 1
+        u = reply.usage
+        self.usage = Usage(
+            input_tokens=self.usage.input_tokens + u.input_tokens,
+            output_tokens=self.usage.output_tokens + u.output_tokens,
+            calls=self.usage.calls + u.calls,
+        )
+
+
+class ShardRun:
+    def __init__(self, shard: ShardMessage, channel: Channel, workspace: Path, adapter: ModelAdapter, scorers: list[Scorer]):
+        self.shard = shard
+        self.channel = channel
+        self.workspace = workspace
+        self.adapter = adapter
+        self.scorers = scorers
+        self.completed = 0
+        self.values: dict[str, list[float]] = {s.name: [] for s in scorers}
+
+    def run(self) -> None:
+        total = len(self.shard.samples) * len(self.shard.epochs)
+        for epoch in self.shard.epochs:
+            for sample in self.shard.samples:
+                self.channel.check_cancelled()
+                self.run_sample(sample, epoch)
+                self.completed += 1
+                self.channel.emit(ProgressEvent, completed=self.completed, total=total)
+        for name, values in self.values.items():
+            if values:
+                self.channel.emit(MetricEvent, name=f"{name}/mean"[:256], value=sum(values) / len(values))
+
+    def run_sample(self, sample: ShardSample, epoch: int) -> None:
+        started = time.time()
+        conversation = Conversation()
+        errors: list[str] = []
+        scores = self.attempt(sample, epoch, conversation, errors)
+        self.channel.emit(
+            SampleEvent,
+            sample_id=sample.id[:1024],
+            epoch=epoch,
+            input=clip(render_input(sample)),
+            target=clip(render_target(sample)),
+            output=clip(conversation.output),
+            scores={
+                name: {"value": s.value, "answer": _clip_or_none(s.answer), "explanation": _clip_or_none(s.explanation)}
+                for name, s in scores.items()
+            },
+            error=clip("; ".join(errors)) if errors else None,
+            started_at=started,
+            completed_at=time.time(),
+            usage=conversation.usage,
+            turns=conversation.turns,
+        )
+
+    def attempt(self, sample: ShardSample, epoch: int, conversation: Conversation, errors: list[str]) -> dict[str, Score]:
+        """Prepare, converse and score; each failure is appended to `errors`."""
+        try:
+            workdir = prepare_workdir(self.workspace, sample, epoch)
+        except (OSError, ValueError) as exc:
+            errors.append(f"sample files: {exc}")
+            return {}
+        try:
+            self.adapter.begin_sample(sample, epoch, workdir)
+            limit_error = self.converse(sample, conversation, workdir)
+        except Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing model is this sample's error
+            errors.append(f"model: {_describe(exc)}")
+            return {}
+        if limit_error:
+            errors.append(limit_error)
+        return self.score(conversation.output, sample, workdir, errors)
+
+    def converse(self, sample: ShardSample, conversation: Conversation, workdir: Path) -> str | None:
+        """Run the model to its final answer; returns the turn-limit error, if reached."""
+        agentic = self.shard.agentic
+        messages = initial_messages(sample, agentic)
+        turns = self.shard.max_turns if agentic else 1
+        for _ in range(turns):
+            self.channel.check_cancelled()
+            reply = self.adapter.generate(messages, [BASH_TOOL] if agentic else None)
+            conversation.add(reply)
+            if not agentic or not reply.tool_calls:
+                return None
+            messages.append({
+                "role": "assistant",
+                "content": reply.text,
+                "tool_calls": [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": "bash", "arguments": json.dumps({"command": c.command or ""})}}
+                    for c in reply.tool_calls
+                ],
+            })
+            for call in reply.tool_calls:
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": clip(self.run_tool(call, workdir))})
+        return f"turn limit reached ({turns})"
+
+    def run_tool(self, call: Any, workdir: Path) -> str:
+        if call.command is None:
+            return f"error: {call.problem}"
+        self.channel.check_cancelled()
+        self.channel.log("info", f"tool: {call.command[:500]}")
+        timeout = self.shard.tool_timeout_s
+        result = run_command(call.command, workdir, timeout, self.channel.cancelled)
+        return tool_message_content(result, timeout)
+
+    def score(self, output: str, sample: ShardSample, workdir: Path, errors: list[str]) -> dict[str, Score]:
+        scores = {}
+        for scorer in self.scorers:
+            try:
+                scores[scorer.name] = scorer.score(output, sample, workdir)
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failing scorer is this sample's error
+                errors.append(f"scorer {scorer.name}: {_describe(exc)}")
+            else:
+                self.values[scorer.name].append(scores[scorer.name].value)
+        return scores
+
+
+def run_shard(shard: ShardMessage, channel: Channel, workspace: Path) -> int:
+    """Run the shard and end with `done`. Returns the process's exit code: 0 for ok and
+    cancelled, 1 for an unexpected error, 2 for a shard whose specs do not validate."""
+    try:
+        model_spec, scorer_specs = validate_shard(shard)
+    except SpecError as exc:
+        channel.done("error", error=str(exc))
+        return 2
+    run = None
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+        adapter = make_adapter(model_spec, channel, workspace)
+        scorers = [build_scorer(s, channel.cancelled) for s in scorer_specs]
+        run = ShardRun(shard, channel, workspace, adapter, scorers)
+        run.run()
+    except Cancelled:
+        channel.done("cancelled", error=channel.cancel_reason, samples=run.completed if run else 0)
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the shard's last word must be `done`
+        channel.done("error", error=f"harness failed: {_describe(exc)}", samples=run.completed if run else 0)
+        return 1
+    channel.done("ok", samples=run.completed)
+    return 0
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _clip_or_none(text: str | None) -> str | None:
+    return None if text is None else clip(text)
