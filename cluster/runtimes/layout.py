@@ -9,6 +9,7 @@ credentials, no host environment.
 
 from __future__ import annotations
 
+import compileall
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ def harness_layout(unprivileged: bool = False) -> HarnessLayout:
     if not str(base).startswith("/usr/"):
         binds.append((str(base), str(base)))
     package = Path(proctor.__file__).resolve().parent
+    # the sandbox's root is read-only: without bytecode on the host every launch recompiles
+    compileall.compile_dir(str(package), quiet=1)
     binds.append((str(package), f"{LIB}/proctor"))
     paths = [LIB]
     for i, sp in enumerate(_dependency_dirs()):

@@ -1,19 +1,18 @@
 """`python -S -B -m proctor.harness [--workspace PATH]`: run one shard over stdin/stdout.
 
 The first line tells the supervisor that the sandbox is up and how long start-up took,
-so it is written before anything heavy loads (`sys` and `json` only); pydantic and the
-rest of the harness are imported after it.
+so it is written before anything heavy loads (`sys` only, the line pre-encoded);
+pydantic and the rest of the harness are imported after it.
 """
 
-import json
 import sys
 
-READY = {"v": 1, "seq": 0, "type": "log", "level": "info", "message": "harness ready (protocol 1)"}
+READY = b'{"v":1,"seq":0,"type":"log","level":"info","message":"harness ready (protocol 1)"}\n'
 
 
 def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
-    out.write(json.dumps(READY, separators=(",", ":")).encode() + b"\n")
+    out.write(READY)
     out.flush()
 
     import argparse
