@@ -35,3 +35,35 @@ def workspace(sandbox_root: Path) -> Path:
     ws = Path(tempfile.mkdtemp(prefix="ws-", dir=sandbox_root))
     os.chown(ws, 65534, 65534)
     return ws
+
+
+@pytest.fixture(scope="session")
+def s3_server():  # noqa: ANN201 - Iterator[MotoS3Server]
+    """moto's S3 server as a real HTTP server on 127.0.0.1 (a subprocess), with a bucket."""
+    from s3server import MotoS3Server
+
+    with MotoS3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_settings(s3_server):  # noqa: ANN001, ANN201 - MotoS3Server -> Settings
+    """Settings whose results_uri is s3://<bucket>/results on the session's moto server."""
+    return s3_server.settings("results")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():  # noqa: ANN201 - Iterator[str]
+    """A real PostgreSQL server for the session (tests/postgres.py) and the URL of an empty
+    database in it. Fails, never skips, where PostgreSQL is not installed."""
+    from postgres import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer()
+        url = server.__enter__()  # stops and cleans up itself if the start fails
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield url
+    finally:
+        server.stop()

@@ -1,0 +1,1 @@
+"""Alembic revisions of the state store, oldest first (a package so that wheels carry them)."""
