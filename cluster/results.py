@@ -3,8 +3,19 @@
 Layout under the results root (`file://…` or `s3://bucket/prefix`), hive-partitioned so
 that pandas, DuckDB, Polars and Athena read the root as one table:
 
-    <root>/eval_id=<id>/part-<shard id>.parquet   one file per shard (rewritten whole: idempotent)
-    <root>/eval_id=<id>/_summary.json             metrics per scorer with 95% CIs, counts, usage
+    <root>/eval_id=<id>/part-<shard id>-a<attempt>-<seq:05d>.parquet   written while it runs
+    <root>/eval_id=<id>/data-<n>.parquet       the parts merged by compaction at the end
+    <root>/eval_id=<id>/_summary.json          metrics per scorer with 95% CIs, counts, usage
+
+Names starting with `_` or `.` (the summary, files being written) are not data: every
+Parquet reader skips them. A part's name is a function of (shard, attempt, seq), so a
+retried write replaces the same file; a new attempt of a shard writes new names, and the
+older attempts' parts are deleted once it has finished (`cluster.aggregation`).
+
+Rows are unique on (sample_id, epoch) once an evaluation is finished. While a shard is
+re-run, rows of two attempts can both be on storage for a moment: `ResultsStore.read`
+(and compaction) keep the row of the highest attempt, so readers through it never see a
+sample twice.
 
 Schema version 1 (`RESULTS_SCHEMA`), one row per sample per epoch. `eval_id` is the
 partition column, so it is not stored inside the files. Columns:
@@ -30,22 +41,32 @@ partition column, so it is not stored inside the files. Columns:
 | model | string | the model adapter and name (e.g. `reference`, `openai:gpt-4o`) |
 | runtime | string | the sandbox runtime (`gvisor`, `bubblewrap`, …) |
 | isolation | string | `strong`, or `weak` for bubblewrap |
+| attempt | int32 | the shard's attempt that wrote the row, 1-based (added within version 1: files written before it read it as null, meaning 1) |
+
+Version 1 only ever gains nullable columns at the end; renaming, retyping or removing a
+column is version 2.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from itertools import chain
+from operator import attrgetter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from proctor.settings import Settings
 
-from .storage import StorageError, filesystem, join
+from .storage import (StorageError, delete_files, filesystem, is_s3, join, list_files, read_bytes,
+                      storage_errors, write_bytes)
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -71,12 +92,17 @@ RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),
     ("runtime", pa.string()),
     ("isolation", pa.string()),
+    ("attempt", pa.int32()),
 ])
 
+ROW_KEY = ("sample_id", "epoch")
+PART_RE = re.compile(r"^part-(?P<shard>.+)-a(?P<attempt>\d+)-(?P<seq>\d+)\.parquet$")
+DATA_RE = re.compile(r"^data-(?P<n>\d+)\.parquet$")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class SampleRecord:
-    """One row of the results table."""
+    """One row of the results table. Slotted: the aggregator reads millions of them."""
 
     shard_id: str
     sample_id: str
@@ -97,39 +123,133 @@ class SampleRecord:
     runtime: str = ""
     isolation: str = ""
 
-    def row(self, scorer_order: list[str]) -> dict[str, Any]:
-        first = next((self.scores[n] for n in scorer_order if n in self.scores), None)
-        return {
-            "schema_version": RESULTS_SCHEMA_VERSION,
-            "shard_id": self.shard_id,
-            "sample_id": self.sample_id,
-            "epoch": self.epoch,
-            "input": self.input,
-            "target": self.target,
-            "output": self.output,
-            "score": None if self.error and not self.scores else first,
-            "scores": list(self.scores.items()),
-            "answers": list(self.answers.items()),
-            "error": self.error,
-            "started_at": _ts(self.started_at),
-            "completed_at": _ts(self.completed_at),
-            "duration_s": max(0.0, self.completed_at - self.started_at) if self.started_at else None,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "model_calls": self.model_calls,
-            "turns": self.turns,
-            "model": self.model,
-            "runtime": self.runtime,
-            "isolation": self.isolation,
-        }
+    def row(self, scorer_order: list[str], attempt: int = 1) -> dict[str, Any]:
+        return records_table([self], scorer_order, attempt).to_pylist()[0]
 
 
-def _ts(t: float) -> datetime | None:
-    return datetime.fromtimestamp(t, tz=timezone.utc) if t else None
+def records_table(records: Sequence[SampleRecord], scorer_order: list[str], attempt: int = 1) -> pa.Table:
+    """The rows of `records` in `RESULTS_SCHEMA`, built column by column.
+
+    Fast on purpose (the aggregator converts every sample here): one pass per column, no
+    per-row containers (they would also wake the cyclic garbage collector), numbers
+    through numpy."""
+    n = len(records)
+
+    def strings(name: str) -> list[Any]:
+        return list(map(attrgetter(name), records))
+
+    def numbers(name: str, dtype: type) -> np.ndarray:
+        return np.fromiter(map(attrgetter(name), records), dtype, n)
+
+    def first_score(r: SampleRecord) -> float | None:
+        if r.error and not r.scores:
+            return None
+        for name in scorer_order:
+            if name in r.scores:
+                return r.scores[name]
+        return None
+
+    started, completed = numbers("started_at", np.float64), numbers("completed_at", np.float64)
+    ran = started != 0
+    columns = {
+        "schema_version": np.full(n, RESULTS_SCHEMA_VERSION, np.int16),
+        "score": [first_score(r) for r in records],
+        "scores": _map_array(strings("scores"), pa.float64()),
+        "answers": _map_array(strings("answers"), pa.string()),
+        "started_at": pa.array(np.round(started * 1e6).astype(np.int64), mask=~ran),
+        "completed_at": pa.array(np.round(completed * 1e6).astype(np.int64), mask=completed == 0),
+        "duration_s": pa.array(np.maximum(0.0, completed - started), mask=~ran),
+        "attempt": np.full(n, attempt, np.int32),
+    }
+    for name in ("epoch", "input_tokens", "output_tokens", "model_calls", "turns"):
+        columns[name] = numbers(name, np.int64)
+    arrays = []
+    for f in RESULTS_SCHEMA:
+        values = columns.get(f.name)
+        if values is None:  # a string column: often one value per shard (shard_id, model, runtime)
+            values = strings(f.name)
+            if n and values.count(values[0]) == n:
+                values = pa.repeat(pa.scalar(values[0], f.type), n)
+        arrays.append(values.cast(f.type) if isinstance(values, pa.Array) else pa.array(values, f.type))
+    return pa.Table.from_arrays(arrays, schema=RESULTS_SCHEMA)
 
 
-def records_table(records: list[SampleRecord], scorer_order: list[str]) -> pa.Table:
-    return pa.Table.from_pylist([r.row(scorer_order) for r in records], schema=RESULTS_SCHEMA)
+def _map_array(maps: list[dict[str, Any]], value_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(maps) + 1, np.int32)
+    np.cumsum(np.fromiter(map(len, maps), np.int32, len(maps)), out=offsets[1:])
+    keys = pa.array(list(chain.from_iterable(maps)), pa.string())
+    values = pa.array(list(chain.from_iterable(map(dict.values, maps))), value_type)
+    return pa.MapArray.from_arrays(pa.array(offsets), keys, values, type=pa.map_(pa.string(), value_type))
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """`table` in `RESULTS_SCHEMA`: files written before `attempt` existed read as attempt 1."""
+    if "attempt" not in table.column_names:
+        table = table.append_column("attempt", pa.array(np.ones(table.num_rows, np.int32)))
+    else:
+        table = table.set_column(table.schema.get_field_index("attempt"), "attempt",
+                                 table["attempt"].fill_null(1).cast(pa.int32()))
+    return table.select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA)
+
+
+def with_attempt(table: pa.Table, attempt: int) -> pa.Table:
+    """`table` (in `RESULTS_SCHEMA`) with every row's `attempt` set to `attempt`."""
+    return table.set_column(table.schema.get_field_index("attempt"), "attempt",
+                            pa.array(np.full(table.num_rows, attempt, np.int32)))
+
+
+def deduplicate(table: pa.Table) -> pa.Table:
+    """One row per (sample_id, epoch): the highest attempt's, then the latest completed,
+    then the last in the table. Keeps the order of the rows it keeps."""
+    keep = rows_to_keep(table)
+    return table if keep is None else table.take(pa.array(keep))
+
+
+def rows_to_keep(keys: pa.Table) -> np.ndarray | None:
+    """The sorted indices of the rows `deduplicate` keeps, or None when the rows are
+    already unique. `keys` needs sample_id, epoch, attempt and completed_at."""
+    if keys.num_rows == 0 or keys.select(list(ROW_KEY)).group_by(list(ROW_KEY)).aggregate([]).num_rows \
+            == keys.num_rows:
+        return None
+    order = pa.table({
+        "sample_id": keys["sample_id"], "epoch": keys["epoch"],
+        "attempt": keys["attempt"].fill_null(1), "completed_at": keys["completed_at"],
+        "row": pa.array(np.arange(keys.num_rows, dtype=np.int64)),
+    }).sort_by([("sample_id", "ascending"), ("epoch", "ascending"), ("attempt", "descending"),
+                ("completed_at", "descending"), ("row", "descending")])  # exact ties: the last copy
+    first = order.group_by(list(ROW_KEY), use_threads=False).aggregate([("row", "first")])
+    return np.sort(first["row_first"].to_numpy())
+
+
+def part_name(shard_id: str, attempt: int, seq: int) -> str:
+    return f"part-{shard_id}-a{attempt}-{seq:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """A data file of one evaluation: a part (shard, attempt, seq) or a compacted file."""
+
+    uri: str
+    size: int
+    shard_id: str | None = None  # None for data-<n>.parquet
+    attempt: int = 0
+    seq: int = 0  # n for data-<n>.parquet
+
+
+def write_parquet(table: pa.Table, uri: str, settings: Settings) -> None:
+    """Write `table` to `uri` so that no reader sees half of it: a hidden temp file and a
+    rename locally; on S3 one upload, which becomes visible only when complete.
+    Rewriting the same URI replaces the file. Raises `StorageError`."""
+    fs, path = filesystem(uri, settings)
+    with storage_errors("write", uri):
+        if is_s3(uri):
+            pq.write_table(table, path, filesystem=fs, compression="zstd")
+            return
+        parent, _, name = path.rpartition("/")
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{name}"
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+        fs.move(tmp, path)
 
 
 class ResultsStore:
@@ -137,93 +257,136 @@ class ResultsStore:
 
     def __init__(self, root_uri: str, settings: Settings):
         self.root_uri = root_uri.rstrip("/")
+        self.settings = settings
         self.fs, self.root = filesystem(self.root_uri, settings)
 
     def eval_uri(self, eval_id: str) -> str:
         return join(self.root_uri, f"eval_id={eval_id}")
 
-    def _eval_dir(self, eval_id: str) -> str:
-        return join(self.root, f"eval_id={eval_id}")
+    def part_uri(self, eval_id: str, shard_id: str, attempt: int, seq: int) -> str:
+        return join(self.eval_uri(eval_id), part_name(shard_id, attempt, seq))
 
-    def write_shard(self, eval_id: str, shard_id: str, table: pa.Table) -> str:
-        """Write (or rewrite) one shard's part. Idempotent: a retry replaces, never adds.
-        Returns the part's URI."""
-        name = f"part-{shard_id}.parquet"
-        path = join(self._eval_dir(eval_id), name)
-        tmp = join(self._eval_dir(eval_id), f"_tmp-{name}")
-        try:
-            self.fs.create_dir(self._eval_dir(eval_id), recursive=True)
-            pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
-            self.fs.move(tmp, path)
-        except (OSError, pa.ArrowException) as exc:
-            raise StorageError(f"cannot write {join(self.eval_uri(eval_id), name)}: {exc}") from exc
-        return join(self.eval_uri(eval_id), name)
+    def write_shard(self, eval_id: str, shard_id: str, table: pa.Table, attempt: int = 1) -> str:
+        """Write (or rewrite) one shard's whole result as its only part, then delete the
+        parts of its earlier attempts. Idempotent: a retry replaces, never adds.
+        Returns the part's URI. Raises `StorageError`."""
+        uri = self.part_uri(eval_id, shard_id, attempt, 0)
+        write_parquet(with_attempt(conform(table), attempt), uri, self.settings)
+        if attempt > 1:
+            self.delete_parts([p for p in self.parts(eval_id) if p.shard_id == shard_id and p.attempt < attempt])
+        return uri
+
+    def parts(self, eval_id: str) -> list[PartFile]:
+        """The evaluation's data files (parts and compacted files), sorted by name."""
+        found = []
+        for f in list_files(self.eval_uri(eval_id), self.settings):
+            name = f.uri.rsplit("/", 1)[-1]
+            if m := PART_RE.match(name):
+                found.append(PartFile(f.uri, f.size, m["shard"], int(m["attempt"]), int(m["seq"])))
+            elif m := DATA_RE.match(name):
+                found.append(PartFile(f.uri, f.size, seq=int(m["n"])))
+        return found
+
+    def delete_parts(self, parts: Sequence[PartFile]) -> None:
+        delete_files([p.uri for p in parts], self.settings)
 
     def read(self, eval_id: str) -> pa.Table:
-        try:
-            return pq.read_table(self._eval_dir(eval_id), filesystem=self.fs, schema=RESULTS_SCHEMA)
-        except (OSError, pa.ArrowException) as exc:
-            raise StorageError(f"cannot read {self.eval_uri(eval_id)}: {exc}") from exc
+        """Every row of the evaluation, one per (sample_id, epoch) (see the module's doc).
+        Raises `StorageError` when the evaluation has no folder or a file is unreadable."""
+        path = join(self.root, f"eval_id={eval_id}")
+        with storage_errors("read", self.eval_uri(eval_id)):
+            table = pq.read_table(path, filesystem=self.fs, schema=RESULTS_SCHEMA)
+        return deduplicate(conform(table))
 
     def write_summary(self, eval_id: str, summary: dict[str, Any]) -> str:
-        path = join(self._eval_dir(eval_id), "_summary.json")
-        try:
-            with self.fs.open_output_stream(path) as f:
-                f.write(json.dumps(summary, indent=2, default=str).encode())
-        except OSError as exc:
-            raise StorageError(f"cannot write {path}: {exc}") from exc
-        return join(self.eval_uri(eval_id), "_summary.json")
+        uri = join(self.eval_uri(eval_id), "_summary.json")
+        write_bytes(uri, json.dumps(summary, indent=2, default=str).encode(), self.settings)
+        return uri
 
     def read_summary(self, eval_id: str) -> dict[str, Any]:
-        path = join(self._eval_dir(eval_id), "_summary.json")
+        uri = join(self.eval_uri(eval_id), "_summary.json")
         try:
-            with self.fs.open_input_stream(path) as f:
-                return json.loads(f.read())
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"cannot read {path}: {exc}") from exc
+            return json.loads(read_bytes(uri, self.settings))
+        except ValueError as exc:
+            raise StorageError(f"cannot read {uri}: {exc}") from exc
 
 
-def summarize(table: pa.Table, scorer_names: list[str]) -> dict[str, Any]:
-    """Metrics per scorer (mean, standard error, 95% CI), per-label counts, usage.
+UNGROUPED = "(none)"
+
+
+def summarize(table: pa.Table, scorer_names: list[str], *, by: Mapping[str, str] | None = None,
+              labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Metrics per scorer (mean, standard error, 95% CI), error counts, usage and timing.
+
+    `by` maps sample ids to a group (e.g. the sample's `category` metadata, or its task):
+    the summary then has the same counts and metrics per group under `groups` (samples
+    not in `by` fall in "(none)"). `labels` (the evaluation's) are copied as they are.
 
     Samples that errored without a score count as 0 for every scorer: an evaluation does
     not look better because its model crashed."""
-    rows = table.to_pylist()
-    n = len(rows)
-    metrics: dict[str, Any] = {}
-    for name in scorer_names:
-        values = [dict(r["scores"] or []).get(name, 0.0) for r in rows]
-        metrics[name] = mean_ci(values)
-    durations = [r["duration_s"] for r in rows if r["duration_s"] is not None]
-    return {
-        "samples": n,
-        "errors": sum(1 for r in rows if r["error"]),
-        "metrics": metrics,
-        "usage": {
-            "input_tokens": sum(r["input_tokens"] or 0 for r in rows),
-            "output_tokens": sum(r["output_tokens"] or 0 for r in rows),
-            "model_calls": sum(r["model_calls"] or 0 for r in rows),
+    summary = _counts(table, scorer_names)
+    durations = table["duration_s"].drop_null()
+    started, completed = pc.min(table["started_at"]).as_py(), pc.max(table["completed_at"]).as_py()
+    total = float(pc.sum(durations).as_py() or 0.0)
+    summary.update({
+        "sample_seconds_total": round(total, 3),
+        "timing": {
+            "sample_seconds_total": round(total, 3),
+            "sample_seconds_mean": round(total / len(durations), 3) if len(durations) else None,
+            "sample_seconds_max": pc.max(durations).as_py(),
+            "first_started_at": started.isoformat() if started else None,
+            "last_completed_at": completed.isoformat() if completed else None,
+            "span_s": round((completed - started).total_seconds(), 3) if started and completed else None,
         },
-        "sample_seconds_total": round(sum(durations), 3),
-        "runtimes": sorted({r["runtime"] for r in rows if r["runtime"]}),
-        "isolation": sorted({r["isolation"] for r in rows if r["isolation"]}),
+        "runtimes": sorted(v for v in pc.unique(table["runtime"]).to_pylist() if v),
+        "isolation": sorted(v for v in pc.unique(table["isolation"]).to_pylist() if v),
+    })
+    if labels is not None:
+        summary["labels"] = dict(labels)
+    if by is not None:
+        groups = np.array([by.get(s, UNGROUPED) for s in table["sample_id"].to_pylist()], dtype=object)
+        summary["groups"] = {
+            str(g): _counts(table.filter(pa.array(groups == g)), scorer_names)
+            for g in sorted(set(groups.tolist()), key=str)
+        }
+    return summary
+
+
+def _counts(table: pa.Table, scorer_names: list[str]) -> dict[str, Any]:
+    error = table["error"]
+    return {
+        "samples": table.num_rows,
+        "errors": len(pc.filter(error, pc.greater(pc.utf8_length(error), 0))),
+        "metrics": {name: mean_ci(scorer_values(table, name)) for name in scorer_names},
+        "usage": {
+            name: int(pc.sum(table[name]).as_py() or 0)
+            for name in ("input_tokens", "output_tokens", "model_calls", "turns")
+        },
     }
 
 
-def mean_ci(values: list[float], z: float = 1.959964) -> dict[str, float | int | None]:
+def scorer_values(table: pa.Table, name: str) -> np.ndarray:
+    """Each row's value of scorer `name`, 0.0 where it has none."""
+    if table.num_rows == 0:
+        return np.zeros(0)
+    values = pc.map_lookup(table["scores"], pa.scalar(name), "last")
+    return values.fill_null(0.0).to_numpy().astype(float)
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, z: float = 1.959964) -> dict[str, float | int | None]:
     """Mean with a 95% confidence interval: Wilson's for 0/1 scores, normal otherwise."""
-    n = len(values)
+    v = np.asarray(values, dtype=float)
+    n = int(v.size)
     if n == 0:
         return {"mean": None, "stderr": None, "ci_low": None, "ci_high": None, "n": 0}
-    mean = sum(values) / n
-    if all(v in (0.0, 1.0) for v in values):
+    mean = float(v.mean())
+    if bool(np.isin(v, (0.0, 1.0)).all()):
         denom = 1 + z * z / n
         centre = (mean + z * z / (2 * n)) / denom
-        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / denom
-        stderr = math.sqrt(mean * (1 - mean) / n)
+        half = z * math.sqrt(max(0.0, mean * (1 - mean)) / n + z * z / (4 * n * n)) / denom
+        stderr = math.sqrt(max(0.0, mean * (1 - mean)) / n)
         low, high = centre - half, centre + half
     else:
-        var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-        stderr = math.sqrt(var / n)
+        stderr = math.sqrt(float(v.var(ddof=1)) / n) if n > 1 else 0.0
         low, high = mean - z * stderr, mean + z * stderr
     return {"mean": mean, "stderr": stderr, "ci_low": low, "ci_high": high, "n": n}

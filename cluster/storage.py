@@ -1,26 +1,66 @@
 """Where files live: `file://` folders and `s3://` buckets behind one pyarrow filesystem.
 
-pyarrow ignores the usual S3 endpoint variables, so an S3 filesystem is always built
-explicitly from `Settings`. Errors from pyarrow and the store become `StorageError`.
+pyarrow ignores the usual S3 endpoint variables, so an S3 filesystem (and the boto3
+client used for batch deletes and presigned URLs) is always built explicitly from
+`Settings`. Errors from pyarrow, boto3 and the store become `StorageError` here, with
+the URI in the message.
+
+On S3, deletes go through boto3's `DeleteObjects`: pyarrow's `delete_file` leaves an
+empty directory marker behind, one more object for every reader to skip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from proctor.settings import Settings
 
 
 class StorageError(OSError):
-    """A store could not be reached, read or written. Caught by the CLI and the executor,
-    which report it with the URI."""
+    """A store could not be reached, read or written. Caught by the CLI, the executor and
+    the aggregator, which report it with the URI."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file under a listed prefix."""
+
+    uri: str
+    size: int
+
+
+@contextlib.contextmanager
+def storage_errors(action: str, uri: str) -> Iterator[None]:
+    """Turn pyarrow/boto errors raised inside into `StorageError("cannot <action> <uri>: …")`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot {action} {uri}: {exc}") from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith(("botocore", "boto3")):
+            raise StorageError(f"cannot {action} {uri}: {exc}") from exc
+        raise
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
 
 
 def filesystem(uri: str, settings: Settings) -> tuple[pafs.FileSystem, str]:
-    """The filesystem for `uri` and the path inside it. Plain paths are local files."""
+    """The filesystem for `uri` and the path inside it. Plain paths are local files.
+
+    Raises `StorageError` for an unsupported scheme or an S3 URI without a bucket."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme else uri
@@ -28,28 +68,153 @@ def filesystem(uri: str, settings: Settings) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"{uri}: an s3 URI needs a bucket: s3://bucket/prefix")
-        fs = pafs.S3FileSystem(
-            endpoint_override=settings.s3_endpoint_url,
-            region=settings.s3_region,
-            access_key=settings.s3_access_key_id,
-            secret_key=settings.s3_secret_access_key,
-            scheme=urlparse(settings.s3_endpoint_url).scheme if settings.s3_endpoint_url else "https",
-            allow_bucket_creation=False,
-        )
-        return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return _s3_filesystem(*_s3_key(settings)), f"{parsed.netloc}{parsed.path}".rstrip("/")
     raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r}; use file:// or s3://")
+
+
+def _s3_key(settings: Settings) -> tuple[str | None, str, str | None, str | None]:
+    return settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id, settings.s3_secret_access_key
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str, key: str | None, secret: str | None) -> pafs.S3FileSystem:
+    options: dict[str, Any] = {}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
+    if key and secret:
+        options.update(access_key=key, secret_key=secret)
+    return pafs.S3FileSystem(
+        region=region,
+        allow_bucket_creation=False,
+        allow_bucket_deletion=False,
+        background_writes=True,  # uploads of a part overlap with encoding the next
+        connect_timeout=10,
+        **options,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str, key: str | None, secret: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=key, aws_secret_access_key=secret,
+        config=Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"}),
+    )
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def list_files(uri: str, settings: Settings) -> list[StoredFile]:
+    """Every file under the folder/prefix `uri`, recursively, sorted by URI; [] when
+    there is none. Raises `StorageError` (e.g. a missing bucket)."""
+    fs, path = filesystem(uri, settings)
+    base = uri.rstrip("/")
+    with storage_errors("list", uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        if not infos and is_s3(uri) and fs.get_file_info(path.split("/")[0]).type == pafs.FileType.NotFound:
+            raise StorageError(f"cannot list {uri}: bucket {path.split('/')[0]!r} does not exist; create it "
+                               "or fix the results URI")
+    return sorted(
+        (StoredFile(base + i.path[len(path):], i.size or 0) for i in infos if i.type == pafs.FileType.File),
+        key=lambda f: f.uri,
+    )
+
+
+def delete(uri: str, settings: Settings) -> None:
+    """Delete the file or the folder (everything under the prefix) at `uri`. A missing
+    one is not an error: deleting is idempotent. Raises `StorageError`."""
+    fs, path = filesystem(uri, settings)
+    with storage_errors("delete", uri):
+        info = fs.get_file_info(path)
+        if is_s3(uri):
+            if info.type == pafs.FileType.File:
+                delete_files([uri], settings)
+            elif info.type == pafs.FileType.Directory:
+                files = [f.uri for f in list_files(uri, settings)]
+                delete_files([*files, uri.rstrip("/") + "/"], settings)  # and its marker, if any
+        elif info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+
+def delete_files(uris: list[str], settings: Settings) -> None:
+    """Delete these files (S3: in batches of 1,000 keys); missing ones are skipped."""
+    local = [u for u in uris if not is_s3(u)]
+    for uri in local:
+        fs, path = filesystem(uri, settings)
+        with storage_errors("delete", uri), contextlib.suppress(FileNotFoundError):
+            fs.delete_file(path)
+    by_bucket: dict[str, list[str]] = {}
+    for uri in uris:
+        if is_s3(uri):
+            bucket, key = _bucket_key(uri)
+            if key.strip("/"):
+                by_bucket.setdefault(bucket, []).append(key)
+    client = _s3_client(*_s3_key(settings)) if by_bucket else None
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):
+            batch = keys[i : i + 1000]
+            with storage_errors("delete", f"s3://{bucket}/{batch[0]}"):
+                answer = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch],
+                                                                      "Quiet": True})
+            if answer.get("Errors"):
+                err = answer["Errors"][0]
+                raise StorageError(f"cannot delete s3://{bucket}/{err['Key']}: {err.get('Code')}: "
+                                   f"{err.get('Message')} ({len(answer['Errors'])} keys failed)")
+
+
+def move(src_uri: str, dst_uri: str, settings: Settings) -> None:
+    """Rename a file (atomic on a local filesystem; a copy and a delete on S3)."""
+    fs, src = filesystem(src_uri, settings)
+    _, dst = filesystem(dst_uri, settings)
+    with storage_errors("move", f"{src_uri} to {dst_uri}"):
+        fs.move(src, dst)
 
 
 def read_bytes(uri: str, settings: Settings, limit: int = 1024**3) -> bytes:
     fs, path = filesystem(uri, settings)
-    try:
-        with fs.open_input_stream(path) as f:
-            data = f.read(limit + 1)
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"cannot read {uri}: {exc}") from exc
+    with storage_errors("read", uri), fs.open_input_stream(path) as f:
+        data = f.read(limit + 1)
     if len(data) > limit:
         raise StorageError(f"{uri} is larger than {limit} bytes")
     return data
+
+
+def write_bytes(uri: str, data: bytes, settings: Settings) -> None:
+    """Write a whole file atomically: a temp file and a rename locally, one PUT on S3."""
+    fs, path = filesystem(uri, settings)
+    with storage_errors("write", uri):
+        if is_s3(uri):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        parent, _, name = path.rpartition("/")
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{name}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+
+
+def presigned_url(uri: str, settings: Settings, expires_s: int = 3600) -> str | None:
+    """A URL that downloads the S3 object at `uri` without credentials for `expires_s`
+    seconds; None for a local file (serve it another way). Raises `StorageError`."""
+    if not is_s3(uri):
+        filesystem(uri, settings)  # rejects unknown schemes
+        return None
+    bucket, key = _bucket_key(uri)
+    if not bucket or not key:
+        raise StorageError(f"{uri}: a presigned URL needs an object: s3://bucket/key")
+    with storage_errors("presign", uri):
+        return _s3_client(*_s3_key(settings)).generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(expires_s))
 
 
 def join(root: str, *parts: str) -> str:

@@ -40,6 +40,18 @@ MAX_ARTIFACTS_TOTAL = 64 * 1024**2
 CANCEL_GRACE_S = 2.0
 
 
+class StopSignal(asyncio.Event):
+    """A cancel event that can also ask for an immediate kill (`hard`: the emergency stop)."""
+
+    hard: bool = False
+    reason: str = "cancelled"
+
+    def stop(self, hard: bool = False, reason: str = "cancelled") -> None:
+        self.hard = self.hard or hard
+        self.reason = reason
+        self.set()
+
+
 @dataclass(frozen=True)
 class ShardWork:
     eval_id: str
@@ -99,6 +111,7 @@ class _Run:
     logs: list[str] = field(default_factory=list)
     done: Any = None
     first_event_s: float | None = None
+    on_record: Callable[[SampleRecord], None] | None = None
 
 
 class ShardExecutor:
@@ -113,12 +126,15 @@ class ShardExecutor:
         self.sandbox_dir.chmod(0o711)
 
     async def run(self, work: ShardWork, on_event: Callable[[Any], None] | None = None,
-                  cancel: asyncio.Event | None = None) -> ShardOutcome:
+                  cancel: asyncio.Event | None = None, on_record: Callable[[SampleRecord], None] | None = None,
+                  sandbox_id: str | None = None) -> ShardOutcome:
+        """Run `work` to its end. `on_event` sees every accepted event (untrusted content);
+        `on_record` every sample row as it is accepted, for streaming to the aggregator."""
         started = time.monotonic()
         spec = work.spec
-        sid = _sandbox_id(work)
+        sid = sandbox_id or sandbox_id_for(work)
         workspace = self.sandbox_dir / f"ws-{sid}"
-        run = _Run(work, {(str(s.id), e): s for e in work.epochs for s in work.samples})
+        run = _Run(work, {(str(s.id), e): s for e in work.epochs for s in work.samples}, on_record=on_record)
         sandbox = None
         try:
             _make_workspace(workspace, spec.sandbox.files)
@@ -168,6 +184,9 @@ class ShardExecutor:
 
     async def _watch_cancel(self, sandbox: Any, cancel: asyncio.Event) -> None:
         await cancel.wait()
+        if getattr(cancel, "hard", False):
+            await sandbox.kill("killed", getattr(cancel, "reason", "emergency stop"))
+            return
         await sandbox.send(encode(Cancel(reason="cancelled by the platform")))
         await asyncio.sleep(CANCEL_GRACE_S)
         await sandbox.kill("killed", "cancelled: the harness did not stop within the grace period")
@@ -181,7 +200,9 @@ class ShardExecutor:
                 why = "duplicate" if key in run.records else "not in this shard"
                 run.rejections.append(Rejection(f"sample {event.sample_id!r} epoch {event.epoch}: {why}", "", 0))
                 return
-            run.records[key] = self._record(work, sample, event)
+            record = run.records[key] = self._record(work, sample, event)
+            if run.on_record is not None:
+                run.on_record(record)
         elif event.type == "generate":
             call = GatewayCall(work.eval_id, work.shard_id, work.spec.model, work.spec.safety, event)
             task = asyncio.create_task(self._answer(sandbox, call))
@@ -290,7 +311,7 @@ class ShardExecutor:
         )
 
 
-def _sandbox_id(work: ShardWork) -> str:
+def sandbox_id_for(work: ShardWork) -> str:
     raw = f"{work.eval_id}-{work.shard_id}-{os.urandom(3).hex()}"
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)[:120]
 

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     )
     runsc_platform: Literal["ptrace", "systrap", "kvm"] = "ptrace"
     max_concurrent_shards: int = Field(0, ge=0, description="shards run at once by a local run; 0: the CPU count")
+    state_url: str | None = Field(None, description="SQLAlchemy URL of the state store; SQLite in <home> if unset")
+    ray_address: str | None = Field(None, description="Ray cluster to join; a local one is started if unset")
+    ray_namespace: str = "proctor"
+    supervisors: int = Field(2, ge=1, le=1024, description="supervisor actors, each running many shards")
     s3_endpoint_url: str | None = Field(None, description="endpoint of an S3-compatible store")
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
@@ -37,6 +41,10 @@ class Settings(BaseSettings):
     @property
     def sandbox_dir(self) -> Path:
         return self.home / "sandboxes"
+
+    @property
+    def state(self) -> str:
+        return self.state_url or f"sqlite:///{self.home / 'state.db'}"
 
     @property
     def results(self) -> str:

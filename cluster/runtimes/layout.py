@@ -10,6 +10,7 @@ credentials, no host environment.
 from __future__ import annotations
 
 import compileall
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class HarnessLayout:
         return (self.python, "-S", "-B", "-m", "proctor.harness", *args)
 
 
+@functools.lru_cache(maxsize=4)
 def harness_layout(unprivileged: bool = False) -> HarnessLayout:
     """The binds that let this machine's Python run `proctor.harness` in a sandbox.
 

@@ -1,0 +1,218 @@
+"""Supervisors: a pool of async Ray actors, each running many shards at once.
+
+A supervisor runs each shard it is given through the shard executor, in its own sandbox
+runtime folder: it marks the shard running in the store, streams accepted sample rows
+to the aggregator, publishes progress and logs on the event bus, answers model calls
+through its model gateway, and cancels or kills on request. When the shard ends it hands
+every row to the aggregator (idempotent), records the outcome in the store, and tells
+the scheduler.
+
+A restarted supervisor first kills whatever sandboxes its previous life left behind, so
+none runs unsupervised; the scheduler then retries the shards it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cluster.datasets import load_samples
+from cluster.runtimes import GvisorRuntime, RuntimeUnavailable, SandboxRuntime, select_runtime
+from cluster.runtimes.cgroups import PARENT, CgroupSet
+from cluster.state import RetriesExhaustedError, StateStore
+from proctor.settings import Settings
+from proctor.spec import Sample, parse_spec
+
+from .gateway import OpenAIGateway
+from .local_run import rescore_outside
+from .shard_executor import ShardExecutor, ShardOutcome, ShardWork, StopSignal
+
+log = logging.getLogger("proctor.supervisor")
+
+PROGRESS_EVERY_S = 0.25
+STREAM_EVERY_S = 1.0
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000)
+class Supervisor:
+    def __init__(self, name: str, settings: Settings, scheduler_name: str, aggregator_name: str, bus_name: str,
+                 runtime_factory: Any = None):
+        logging.basicConfig(level=logging.INFO)
+        self.name = name
+        self.settings = settings
+        self.store = StateStore(settings.state)
+        self.names = {"scheduler": scheduler_name, "aggregator": aggregator_name, "bus": bus_name}
+        self.workdir = settings.sandbox_dir / name
+        self.runtime_factory = runtime_factory
+        self.runtimes: dict[str, SandboxRuntime] = {}
+        self.gateway = OpenAIGateway(secret=settings.secret)
+        self.tasks: dict[tuple[str, str], tuple[asyncio.Task[None], StopSignal]] = {}
+        self.samples: dict[str, dict[str, Sample]] = {}
+        self.killed_leftovers = self._kill_leftovers()
+
+    # ------------------------------------------------------------ handles
+
+    def _actor(self, role: str) -> Any:
+        return ray.get_actor(self.names[role], namespace=self.settings.ray_namespace)
+
+    def _publish(self, events: list[dict[str, Any]]) -> None:
+        try:
+            self._actor("bus").publish.remote(events)
+        except ValueError:
+            pass
+
+    # ------------------------------------------------------------ leftovers
+
+    def _kill_leftovers(self) -> int:
+        """Kill and remove sandboxes a previous life of this supervisor left running."""
+        killed = 0
+        state = self.workdir / "gvisor" / "runsc-state"
+        if state.is_dir() and shutil.which("runsc"):
+            out = subprocess.run(["runsc", "--root", str(state), "list", "-q"], capture_output=True, text=True)
+            for sid in out.stdout.split():
+                for ctrl in ("pids", "memory", "unified"):
+                    d = Path("/sys/fs/cgroup", ctrl, PARENT, sid)
+                    if d.is_dir():
+                        CgroupSet(2 if ctrl == "unified" else 1, {ctrl: d}).kill_all(timeout=2)
+                subprocess.run(["runsc", "--root", str(state), "delete", "--force", sid], capture_output=True)
+                killed += 1
+        for ctrl in ("pids", "unified"):
+            for d in Path("/sys/fs/cgroup", ctrl, PARENT).glob(f"bwrap-{self.name}--*"):
+                CgroupSet(2 if ctrl == "unified" else 1, {ctrl: d}).remove()
+                killed += 1
+        for ws in self.workdir.glob("*/ws-*"):
+            shutil.rmtree(ws, ignore_errors=True)
+        if killed:
+            log.warning("supervisor %s: killed %d sandboxes left by its previous life", self.name, killed)
+        return killed
+
+    def _runtime(self, name: str) -> SandboxRuntime:
+        if name not in self.runtimes:
+            if self.runtime_factory is not None:
+                self.runtimes[name] = self.runtime_factory(name, self.workdir / name)
+            else:
+                self.runtimes[name] = select_runtime(name, self.workdir / name, self.settings.runsc_platform)
+        return self.runtimes[name]
+
+    # ------------------------------------------------------------ the work
+
+    async def run_shard(self, eval_id: str, shard_id: str, attempt: int) -> bool:
+        key = (eval_id, shard_id)
+        if key in self.tasks:
+            return False
+        stop = StopSignal()
+        task = asyncio.get_running_loop().create_task(self._run(eval_id, shard_id, attempt, stop))
+        self.tasks[key] = (task, stop)
+        task.add_done_callback(lambda _t: self.tasks.pop(key, None))
+        return True
+
+    async def running_shards(self) -> list[tuple[str, str]]:
+        return list(self.tasks)
+
+    async def cancel(self, eval_id: str, shard_id: str, hard: bool = False) -> bool:
+        entry = self.tasks.get((eval_id, shard_id))
+        if entry is None:
+            return False
+        entry[1].stop(hard=hard, reason="emergency stop" if hard else "cancelled")
+        return True
+
+    async def info(self) -> dict[str, Any]:
+        return {"name": self.name, "shards": len(self.tasks), "killed_leftovers": self.killed_leftovers,
+                "gateway_calls": sum(l.calls for l in self.gateway.ledgers.values())}
+
+    def _work(self, eval_id: str, shard_id: str) -> tuple[Any, ShardWork, Any]:
+        ev = self.store.get_evaluation(eval_id)
+        spec = parse_spec(ev.spec)
+        shard = next(s for s in self.store.shards(eval_id) if s.shard_id == shard_id)
+        if eval_id not in self.samples:
+            self.samples[eval_id] = {str(s.id): s for s in load_samples(spec.dataset, self.settings)}
+            while len(self.samples) > 64:
+                self.samples.pop(next(iter(self.samples)))
+        by_id = self.samples[eval_id]
+        work = ShardWork(eval_id, shard_id, spec, tuple(by_id[i] for i in shard.sample_ids),
+                         tuple(range(1, spec.epochs + 1)))
+        return ev, work, shard
+
+    async def _run(self, eval_id: str, shard_id: str, attempt: int, stop: StopSignal) -> None:
+        try:
+            await self._run_inner(eval_id, shard_id, attempt, stop)
+        except Exception as exc:  # failures are data: record, never leave the shard hanging
+            log.exception("shard %s/%s crashed in supervisor %s", eval_id, shard_id, self.name)
+            self.store.transition_shard(eval_id, shard_id, "failed", expect=("scheduled", "running"),
+                                        error=f"supervisor error: {exc}"[:2000])
+        finally:
+            try:
+                await self._actor("scheduler").shard_finished.remote(eval_id, shard_id)
+            except Exception:
+                log.exception("could not tell the scheduler that %s/%s ended", eval_id, shard_id)
+
+    async def _run_inner(self, eval_id: str, shard_id: str, attempt: int, stop: StopSignal) -> None:
+        ev, work, shard = self._work(eval_id, shard_id)
+        runtime_name = ev.runtime if ev.runtime != "auto" else self.settings.runtime
+        try:
+            runtime = self._runtime(runtime_name)
+        except RuntimeUnavailable as exc:
+            self.store.transition_shard(eval_id, shard_id, "failed", expect="scheduled", error=str(exc))
+            return
+        sandbox_id = f"{eval_id}-{shard_id}-a{attempt}"
+        if not self.store.transition_shard(eval_id, shard_id, "running", expect="scheduled", supervisor=self.name,
+                                           sandbox_id=sandbox_id):
+            return  # cancelled or taken meanwhile
+        if self.store.transition_evaluation(eval_id, "running", expect="scheduled"):
+            self._publish([{"type": "status", "eval_id": eval_id, "status": "running"}])
+        self._publish([{"type": "shard", "eval_id": eval_id, "shard_id": shard_id, "status": "running",
+                        "supervisor": self.name, "runtime": runtime.name}])
+        aggregator = self._actor("aggregator")
+        scorers = work.spec.scorer_names()
+        pending: list[Any] = []
+        done = 0
+        last_progress = last_stream = 0.0
+
+        def on_record(record: Any) -> None:
+            nonlocal done, last_stream
+            pending.append(record)
+            done += 1
+            now = time.monotonic()
+            if now - last_stream > STREAM_EVERY_S:
+                last_stream = now
+                aggregator.add_records.remote(eval_id, shard_id, attempt, list(pending), scorers)
+                pending.clear()
+
+        def on_event(event: Any) -> None:
+            nonlocal last_progress
+            now = time.monotonic()
+            if event.type == "progress" and now - last_progress > PROGRESS_EVERY_S:
+                last_progress = now
+                self._publish([{"type": "progress", "eval_id": eval_id, "shard_id": shard_id,
+                                "done": done, "total": work.units}])
+            elif event.type == "log":
+                self._publish([{"type": "log", "eval_id": eval_id, "shard_id": shard_id, "level": event.level,
+                                "message": event.message[:2000]}])
+
+        executor = ShardExecutor(runtime, self.gateway, self.workdir / runtime.name, rescore=rescore_outside)
+        outcome: ShardOutcome = await executor.run(work, on_event=on_event, cancel=stop, on_record=on_record,
+                                                   sandbox_id=sandbox_id)
+        # every row of the shard, once more: the aggregator keeps them idempotently
+        await aggregator.finish_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers)
+        status = outcome.status
+        retry = status == "failed" and outcome.exit is None  # the sandbox never started: infrastructure
+        try:
+            retried = retry and self.store.transition_shard(eval_id, shard_id, "queued", expect="running",
+                                                            error=outcome.error)
+        except RetriesExhaustedError:
+            retried = False
+        if not retried and self.store.transition_shard(eval_id, shard_id, status, expect="running",
+                                                       error=outcome.error):
+            self.store.add_done_units(eval_id, len(outcome.records))
+        self._publish([{"type": "shard", "eval_id": eval_id, "shard_id": shard_id, "status": status,
+                        "error": outcome.error, "runtime": outcome.runtime, "isolation": outcome.isolation,
+                        "rejections": len(outcome.rejections), "duration_s": round(outcome.duration_s, 3)},
+                       {"type": "progress", "eval_id": eval_id, "shard_id": shard_id, "done": len(outcome.records),
+                        "total": work.units}])

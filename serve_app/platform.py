@@ -1,0 +1,97 @@
+"""The embedded default platform on one machine: a local Ray cluster and the control plane.
+
+`proctor up` starts a Ray head (`ray start --head`) with its dashboard, attaches, and
+starts the control plane; `proctor down` stops both. State goes to SQLite and results to
+a folder under `Settings.home` unless settings say otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from proctor.settings import Settings
+
+RAY_PORT = 6379
+DASHBOARD_PORT = 8265
+
+
+def ray_bin() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+def _state_file(settings: Settings) -> Path:
+    return settings.home / "platform.json"
+
+
+def cluster_running() -> bool:
+    result = subprocess.run([ray_bin(), "status"], capture_output=True, text=True, timeout=60)
+    return result.returncode == 0
+
+
+def start_ray(settings: Settings) -> dict[str, Any]:
+    """Start a local Ray head unless one is already running. Returns its addresses."""
+    info = {"address": f"127.0.0.1:{RAY_PORT}", "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}"}
+    if not cluster_running():
+        cmd = [ray_bin(), "start", "--head", f"--port={RAY_PORT}", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", "--include-dashboard=true"]
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"could not start Ray: {result.stderr.strip()[-2000:]}")
+    return info
+
+
+def up(settings: Settings) -> dict[str, Any]:
+    """Bring up the embedded platform (idempotent). Returns what `proctor up` prints."""
+    import ray
+
+    from eval_actors import control_plane
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    info = start_ray(settings)
+    ray.init(address=info["address"], namespace=settings.ray_namespace, logging_level="ERROR",
+             log_to_driver=False)
+    control_plane.start(settings)
+    info.update({"state": settings.state, "results": settings.results, "started_at": time.time()})
+    _state_file(settings).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def down(settings: Settings) -> list[str]:
+    import ray
+
+    from eval_actors import control_plane
+
+    stopped: list[str] = []
+    if cluster_running():
+        ray.init(address=f"127.0.0.1:{RAY_PORT}", namespace=settings.ray_namespace, logging_level="ERROR",
+                 log_to_driver=False)
+        stopped = control_plane.stop(settings)
+        ray.shutdown()
+        subprocess.run([ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
+        stopped.append("ray")
+    _state_file(settings).unlink(missing_ok=True)
+    return stopped
+
+
+def attach(settings: Settings) -> Any:
+    """Join the running platform from this process; the control plane's client."""
+    import ray
+
+    from eval_actors.control_plane import ControlPlane
+
+    if not ray.is_initialized():
+        address = settings.ray_address or f"127.0.0.1:{RAY_PORT}"
+        ray.init(address=address, namespace=settings.ray_namespace, logging_level="ERROR", log_to_driver=False)
+    return ControlPlane(settings)
+
+
+def have_ray_cli() -> bool:
+    return shutil.which(ray_bin()) is not None or Path(ray_bin()).exists()

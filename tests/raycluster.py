@@ -1,0 +1,45 @@
+"""One real Ray cluster for the test session, with logical GPUs of two types.
+
+Three Ray nodes on this machine (`ray.cluster_utils.Cluster` starts a real GCS and a
+raylet per node): a head with CPUs only, a node declaring 4 x H100 and a node declaring
+2 x A100. The GPUs are logical (declared to Ray), which is all the scheduler sees.
+
+Shards that ask for GPUs (runtime `kubernetes` in their spec) run in the simulated
+runtime, a test double, because no GPU sandbox can run here; everything else runs in
+the real local runtimes (`SimulateRemoteRuntimes`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cluster.runtimes.simulated import SimulateRemoteRuntimes
+from proctor.settings import Settings
+
+NODES = {
+    "head": {"num_cpus": 4},
+    "h100": {"num_cpus": 8, "num_gpus": 4, "resources": {"accelerator_type:H100": 4}},
+    "a100": {"num_cpus": 8, "num_gpus": 2, "resources": {"accelerator_type:A100": 2}},
+}
+
+
+def start_cluster(dashboard_port: int | None = None) -> Any:
+    from ray.cluster_utils import Cluster
+
+    head = dict(NODES["head"])
+    if dashboard_port:
+        head.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster.add_node(**NODES["h100"])
+    cluster.add_node(**NODES["a100"])
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def cluster_settings(home: Path, results_uri: str, state_url: str) -> Settings:
+    return Settings(home=home, results_uri=results_uri, state_url=state_url, ray_namespace="proctor-test",
+                    supervisors=2)
+
+
+RUNTIMES = SimulateRemoteRuntimes()
