@@ -1,21 +1,27 @@
 """Writing results through the aggregator against one direct Parquet write, on S3.
 
-Both start from the same 1,000,000 `SampleRecord`s (input ~60 characters, output ~20,
-target ~5, a scores map with 2 entries) and end with every row in Parquet on a moto S3
-server on 127.0.0.1 (started here, as in the tests):
+The same 1,000,000 rows (input ~60 characters, output ~20, target ~5, a scores map with
+2 entries, two epochs per sample, 10 shards) end in Parquet on a moto S3 server on
+127.0.0.1, started here as in the tests. Two inputs, each measured both ways:
 
-  aggregation — records stream in batches of 1,000, round-robin over 10 shards, into
-                `Aggregator.add`; each part it hands back (every `--flush-rows` rows of a
-                shard) is written at once by a Ray task (`--executor ray`, the default) or
-                a thread (`--executor threads`), while more records are buffered; then
-                `finish_shard` and `drop_superseded` for every shard. Compaction of the
-                parts into data files is timed on its own, outside the ratio.
-  direct      — `records_table` of all the records, then ONE `pyarrow.parquet.write_table`
-                to the same server (same compression). Its write alone is printed too.
+  --input records  the aggregator gets `SampleRecord`s, 1,000 at a time, round-robin over
+                   the shards, and converts them itself; direct = `records_table` of all
+                   records + ONE `pyarrow.parquet.write_table` (its write alone is printed
+                   too: most of both times is Python objects -> Arrow).
+  --input arrow    the senders (supervisors) have converted each batch already; direct =
+                   ONE `write_table` of the same rows as one table, built before the clock.
+
+  aggregation — `Aggregator.add` per batch; each part it hands back (every `--flush-rows`
+                rows of a shard) is written at once by a Ray task (`--executor ray`, the
+                default; `ray.init(address="local", num_cpus=--workers)`) or a thread
+                (`--executor threads`) while more rows are buffered; then `finish_shard`
+                and `drop_superseded` for every shard. Compaction of the parts into data
+                files is timed on its own, outside the ratio.
 
 Prints both times, rows/s, and the ratio direct_time / aggregation_time (goal >= 0.7).
 
     .venv/bin/python benchmarks/aggregation.py [--rows 1000000] [--executor ray|threads]
+        [--input records|arrow|both] [--flush-rows 50000] [--repeats 2]
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ __all__ = ["AggregationError", "Aggregator", "Compaction", "FlushPolicy", "PartW
 
 class AggregationError(RuntimeError):
     """The aggregator was used out of order (records for an evaluation it was not given,
-    for a finished shard, superseded parts dropped before their replacement was written).
+    or for a shard under another shard's id; superseded parts dropped before their
+    replacement was written).
     A bug in the caller: the supervisor and the aggregator actor let it propagate."""
 
 
@@ -137,8 +138,8 @@ class ShardBuffer:
 
     def add(self, chunk: Rows, now: float) -> None:
         if isinstance(chunk, pa.Table):
-            wrong = pc.filter(chunk["shard_id"], pc.not_equal(chunk["shard_id"], self.shard_id))
-            bad = wrong[0].as_py() if len(wrong) else None
+            ids = pc.min_max(chunk["shard_id"]).as_py() if len(chunk) else {}
+            bad = next((v for v in ids.values() if v != self.shard_id), None)
         else:
             bad = next((r.shard_id for r in chunk if r.shard_id != self.shard_id), None)
         if bad is not None:
@@ -157,6 +158,7 @@ class ShardBuffer:
         if not self.chunks:
             return None
         tables = [c if isinstance(c, pa.Table) else records_table(c, scorer_names) for c in self.chunks]
+        # one chunk per column: a table of many small chunks is slow to ship to a Ray task
         table = deduplicate(with_attempt(pa.concat_tables(tables).combine_chunks(), self.attempt))
         job = WriteJob(uri(self.next_seq), table, self.eval_id, self.shard_id, self.attempt, self.next_seq, reason)
         self.next_seq += 1
@@ -182,8 +184,9 @@ class Aggregator:
         self.settings = settings
         self.policy = policy or FlushPolicy()
         self.clock = clock
-        self.stale_records = 0  # records of an attempt already superseded: dropped
+        self.stale_records = 0  # records of a superseded attempt or a finished evaluation: dropped
         self._evals: dict[str, _Evaluation] = {}
+        self._finished: set[str] = set()  # evaluations past finish_evaluation
         self._buffers: dict[tuple[str, str, int], ShardBuffer] = {}
 
     @property
@@ -194,12 +197,14 @@ class Aggregator:
     def buffered_bytes(self) -> int:
         return sum(b.bytes for b in self._buffers.values())
 
-    def open(self, eval_id: str, scorer_names: list[str]) -> None:
+    def open(self, eval_id: str, scorer_names: list[str], *, reopen: bool = False) -> None:
         """Start taking records for `eval_id`. Parts already stored (a restarted
-        aggregator) are listed once, so new parts never reuse their names. Raises
-        `StorageError`."""
-        if eval_id in self._evals:
+        aggregator) are listed once, so new parts never reuse their names. Opening an
+        open evaluation, or one past `finish_evaluation`, does nothing (late records for
+        it are dropped) unless `reopen`. Raises `StorageError`."""
+        if eval_id in self._evals or (eval_id in self._finished and not reopen):
             return
+        self._finished.discard(eval_id)
         seqs: dict[tuple[str, int], int] = {}
         for p in self.store.parts(eval_id):
             if p.shard_id is not None:
@@ -210,15 +215,22 @@ class Aggregator:
         """Buffer scored records of one shard's attempt; returns the parts now due.
 
         `records` may also be a table in `RESULTS_SCHEMA` (`records_table` of a batch):
-        a supervisor that converts its own samples takes that work off the aggregator."""
+        a supervisor that converts its own samples takes that work off the aggregator.
+        Records of an earlier attempt than the shard's latest, or of an evaluation past
+        `finish_evaluation`, are dropped (`stale_records`). Records for an attempt that
+        has finished re-open it, as a retried finish: send all its rows again; their
+        parts get new numbers and readers keep one copy of each sample."""
+        if eval_id in self._finished:
+            self.stale_records += len(records) if isinstance(records, pa.Table) else sum(1 for _ in records)
+            return []
         ev = self._evaluation(eval_id)
         latest = ev.latest.get(shard_id, 0)
         if attempt < latest:
             self.stale_records += len(records) if isinstance(records, pa.Table) else sum(1 for _ in records)
             return []
-        if (shard_id, attempt) in ev.finished:
-            raise AggregationError(f"shard {shard_id!r} attempt {attempt} of {eval_id} has finished; "
-                                   f"a re-run must use attempt {attempt + 1}")
+        if (shard_id, attempt) in ev.finished:  # a retried finish: the attempt takes rows again
+            ev.finished.discard((shard_id, attempt))
+            ev.issued.pop((shard_id, attempt), None)
         if attempt > latest:  # a re-run: the earlier attempts' unwritten rows are superseded
             ev.latest[shard_id] = attempt
             for old in range(1, attempt):
@@ -228,7 +240,10 @@ class Aggregator:
         if buf is None:
             buf = self._buffers[key] = ShardBuffer(eval_id, shard_id, attempt, ev.next_seq.get((shard_id, attempt), 0))
         now, jobs, start = self.clock(), [], 0
-        rows = conform(records) if isinstance(records, pa.Table) else list(records)
+        if isinstance(records, pa.Table):
+            rows = records if records.schema.equals(RESULTS_SCHEMA) else conform(records)
+        else:
+            rows = list(records)
         while True:  # parts of at most max_rows rows
             room = max(1, self.policy.max_rows - buf.rows)
             buf.add(rows[start : start + room], now)
@@ -259,6 +274,8 @@ class Aggregator:
     def finish_shard(self, eval_id: str, shard_id: str, attempt: int) -> list[WriteJob]:
         """The shard's attempt is complete: its last part. Run the jobs, then call
         `drop_superseded` to delete the parts of its earlier attempts."""
+        if eval_id in self._finished:
+            return []
         ev = self._evaluation(eval_id)
         ev.finished.add((shard_id, attempt))
         buf = self._buffers.pop((eval_id, shard_id, attempt), None)
@@ -271,7 +288,8 @@ class Aggregator:
         `AggregationError` if a part is missing (its job has not run), `StorageError`."""
         parts = self.store.parts(eval_id)
         stored = {p.uri for p in parts}
-        missing = [u for u in self._evaluation(eval_id).issued.get((shard_id, attempt), []) if u not in stored]
+        issued = [] if eval_id in self._finished else self._evaluation(eval_id).issued.get((shard_id, attempt), [])
+        missing = [u for u in issued if u not in stored]
         if missing:
             raise AggregationError(f"{missing[0]} is not written ({len(missing)} parts of shard {shard_id!r} "
                                    f"attempt {attempt}); run its jobs before dropping earlier attempts")
@@ -280,21 +298,22 @@ class Aggregator:
         return [p.uri for p in old]
 
     def finish_evaluation(self, eval_id: str) -> list[WriteJob]:
-        """The last parts of `eval_id`; the aggregator then forgets it. Run the jobs,
-        then `compact`."""
+        """The last parts of `eval_id`; the aggregator then forgets its buffers and drops
+        records that come later. Run the jobs, then `compact`."""
         jobs = self.flush(eval_id)
         self._evals.pop(eval_id, None)
+        self._finished.add(eval_id)
         for key in [k for k in self._buffers if k[0] == eval_id]:
             del self._buffers[key]
         return jobs
 
-    def compact(self, eval_id: str, **targets: int) -> Compaction:
+    def compact(self, eval_id: str, *, target_rows: int = 1_000_000, target_bytes: int = 128 * 2**20) -> Compaction:
         """Merge the evaluation's parts into a few data files (see `compact`). Refuses
         while the evaluation still has buffered rows."""
-        if any(b.rows for b in self._buffers.values() if b.eval_id == eval_id):
+        if any(b.rows for b in list(self._buffers.values()) if b.eval_id == eval_id):  # list: from a thread
             raise AggregationError(f"{eval_id} still has buffered rows: write finish_evaluation's jobs, "
                                    "then compact")
-        return compact(self.store, eval_id, **targets)
+        return compact(self.store, eval_id, target_rows=target_rows, target_bytes=target_bytes)
 
     def _evaluation(self, eval_id: str) -> _Evaluation:
         try:
@@ -330,6 +349,8 @@ class Aggregator:
 
 @dataclass(frozen=True)
 class Compaction:
+    """What `compact` left: the evaluation's data files and their rows."""
+
     files: list[str]  # the data files that now hold the evaluation
     rows: int
     removed: int  # parts (and earlier data files) deleted
@@ -350,8 +371,7 @@ def compact(store: ResultsStore, eval_id: str, *, target_rows: int = 1_000_000, 
     Raises `StorageError`."""
     inputs = store.parts(eval_id)
     if not any(p.shard_id is not None for p in inputs):  # nothing new since the last one
-        rows = sum(_read(store, p, metadata=True) for p in inputs)
-        return Compaction([p.uri for p in inputs], rows, 0)
+        return Compaction([p.uri for p in inputs], sum(_rows(store, p) for p in inputs), 0)
     with ThreadPoolExecutor(readers, thread_name_prefix="proctor-compact") as pool:
         keys = list(pool.map(lambda p: _read(store, p, columns=_KEYS), inputs))
         keep = _keep_per_file(keys)
@@ -364,13 +384,17 @@ def compact(store: ResultsStore, eval_id: str, *, target_rows: int = 1_000_000, 
     return Compaction(files, sink.rows, len(inputs))
 
 
-def _read(store: ResultsStore, part: PartFile, columns: list[str] | None = None, metadata: bool = False):  # noqa: ANN202
+def _read(store: ResultsStore, part: PartFile, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(part.uri, store.settings)
     with storage_errors("read", part.uri):
-        if metadata:
-            return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
         table = pq.read_table(path, filesystem=fs, schema=RESULTS_SCHEMA, columns=columns)
     return table if columns else conform(table)
+
+
+def _rows(store: ResultsStore, part: PartFile) -> int:
+    fs, path = filesystem(part.uri, store.settings)
+    with storage_errors("read", part.uri):
+        return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
 
 
 def _keep_per_file(keys: list[pa.Table]) -> list[np.ndarray | None]:
@@ -402,8 +426,8 @@ class _DataFiles:
         self.target_rows, self.target_bytes, self.row_group_rows = target_rows, target_bytes, row_group_rows
         self.n, self.rows, self.files = first, 0, []
         self.pending: list[pa.Table] = []
-        self.stream = self.writer = None
-        self.in_file = 0
+        self.stream = self.writer = self.fs = None
+        self.in_file, self.path, self.final = 0, "", ""
 
     def write(self, table: pa.Table) -> None:
         self.pending.append(table)

@@ -45,6 +45,8 @@ def storage_errors(action: str, uri: str) -> Iterator[None]:
         yield
     except StorageError:
         raise
+    except FileNotFoundError as exc:
+        raise StorageError(f"cannot {action} {uri}: not found (no such file, folder or bucket)") from exc
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise StorageError(f"cannot {action} {uri}: {exc}") from exc
     except Exception as exc:
@@ -101,7 +103,8 @@ def _s3_client(endpoint: str | None, region: str, key: str | None, secret: str |
 
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=key, aws_secret_access_key=secret,
-        config=Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"}),
+        config=Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"},
+                      s3={"addressing_style": "path" if endpoint else "auto"}),  # as pyarrow does
     )
 
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up, then run the examples in gVisor sandboxes
-# and print their results tables and where their Parquet files are.
+# The main job on the embedded default: set up, bring up the local platform (Ray, its
+# dashboard and the control plane), run the examples through it in gVisor sandboxes, and
+# print their results tables, where their Parquet is, and the URLs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/proctor run examples/arithmetic.yaml examples/agentic-files.yaml "$@"
+.venv/bin/proctor up
+.venv/bin/proctor submit examples/arithmetic.yaml examples/agentic-files.yaml --wait "$@"
+echo
+echo "The platform is still up: .venv/bin/proctor submit SPEC --wait to run more, .venv/bin/proctor down to stop it."

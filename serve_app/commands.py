@@ -53,7 +53,7 @@ def _up(args: argparse.Namespace) -> int:
     else:
         print("Proctor is up.")
         print(f"  Ray dashboard   {info['dashboard']}")
-        print(f"  Ray address     {info['address']}")
+        print(f"  Ray address     {info['address']}  (token: {info['ray_token_file']})")
         print(f"  state           {info['state']}")
         print(f"  results         {info['results']}")
     return EXIT_OK

@@ -22,6 +22,19 @@ RAY_PORT = 6379
 DASHBOARD_PORT = 8265
 
 
+def ray_token_auth() -> None:
+    """Ray's control plane runs arbitrary code for whoever reaches it: require Ray's token
+    (kept in ~/.ray/auth_token, made on first use) for this process and what it starts."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray" in sys.modules:  # Ray caches the mode when it loads; make it look again
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
+    token = Path.home() / ".ray" / "auth_token"
+    if not token.exists():
+        subprocess.run([ray_bin(), "get-auth-token", "--generate"], capture_output=True, timeout=60)
+
+
 def ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
@@ -31,17 +44,19 @@ def _state_file(settings: Settings) -> Path:
 
 
 def cluster_running() -> bool:
+    ray_token_auth()
     result = subprocess.run([ray_bin(), "status"], capture_output=True, text=True, timeout=60)
     return result.returncode == 0
 
 
 def start_ray(settings: Settings) -> dict[str, Any]:
     """Start a local Ray head unless one is already running. Returns its addresses."""
-    info = {"address": f"127.0.0.1:{RAY_PORT}", "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}"}
+    info = {"address": f"127.0.0.1:{RAY_PORT}", "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}",
+            "ray_token_file": str(Path.home() / ".ray" / "auth_token")}
     if not cluster_running():
         cmd = [ray_bin(), "start", "--head", f"--port={RAY_PORT}", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", "--include-dashboard=true"]
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"could not start Ray: {result.stderr.strip()[-2000:]}")
@@ -50,12 +65,13 @@ def start_ray(settings: Settings) -> dict[str, Any]:
 
 def up(settings: Settings) -> dict[str, Any]:
     """Bring up the embedded platform (idempotent). Returns what `proctor up` prints."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    info = start_ray(settings)
+
     import ray
 
     from eval_actors import control_plane
 
-    settings.home.mkdir(parents=True, exist_ok=True)
-    info = start_ray(settings)
     ray.init(address=info["address"], namespace=settings.ray_namespace, logging_level="ERROR",
              log_to_driver=False)
     control_plane.start(settings)
@@ -88,6 +104,7 @@ def attach(settings: Settings) -> Any:
     from eval_actors.control_plane import ControlPlane
 
     if not ray.is_initialized():
+        ray_token_auth()
         address = settings.ray_address or f"127.0.0.1:{RAY_PORT}"
         ray.init(address=address, namespace=settings.ray_namespace, logging_level="ERROR", log_to_driver=False)
     return ControlPlane(settings)

@@ -253,13 +253,10 @@ def test_memory_cap_flushes_the_largest_buffers(tmp_path: Path) -> None:
     assert agg.buffered_rows == 10 and agg.buffered_bytes <= 20_000
 
 
-def test_records_for_an_unknown_evaluation_or_a_finished_shard_are_refused(tmp_path: Path) -> None:
+def test_records_for_an_unknown_evaluation_or_under_another_shard_are_refused(tmp_path: Path) -> None:
     agg = make(FlushPolicy(), tmp_path)
     with pytest.raises(AggregationError, match=r"ev-x is not open here: call Aggregator.open"):
         agg.add("ev-x", "00000", 1, records("00000", range(1)))
-    agg.finish_shard("ev", "00000", 1)
-    with pytest.raises(AggregationError, match="must use attempt 2"):
-        agg.add("ev", "00000", 1, records("00000", range(1)))
     with pytest.raises(AggregationError, match="shard '00000' was sent as shard '00001'"):
         agg.add("ev", "00001", 1, records("00000", range(1)))
 
@@ -294,3 +291,37 @@ def test_tables_converted_by_the_sender_are_buffered_like_records(settings: Sett
     assert len(df) == 10 and (df["output"] == "again").sum() == 2
     with pytest.raises(AggregationError, match="shard '00000' was sent as shard '00001'"):
         agg.add("ev-k", "00001", 1, batch)
+
+
+def test_records_after_the_evaluation_finished_are_dropped(settings: Settings) -> None:
+    agg = Aggregator(settings.results, settings)
+    agg.open("ev-l", SCORERS)
+    agg.add("ev-l", "00000", 1, records("00000", range(3)))
+    run_jobs(agg.finish_evaluation("ev-l"), settings)
+    agg.compact("ev-l")
+    agg.open("ev-l", SCORERS)  # a late caller: nothing re-opens
+    assert agg.add("ev-l", "00000", 1, records("00000", range(3, 5))) == []
+    assert agg.finish_shard("ev-l", "00000", 1) == [] and agg.finish_evaluation("ev-l") == []
+    assert agg.stale_records == 2 and agg.buffered_rows == 0
+    agg.open("ev-l", SCORERS, reopen=True)  # resumed on purpose
+    run_jobs(agg.add("ev-l", "00000", 2, records("00000", range(3, 5))) + agg.flush(), settings)
+    assert len(agg.store.read("ev-l")) == 5
+
+
+def test_a_retried_finish_writes_the_rows_once(settings: Settings) -> None:
+    agg = Aggregator(settings.results, settings, FlushPolicy(max_rows=4))
+    agg.open("ev-m", SCORERS)
+    agg.add("ev-m", "00000", 1, records("00000", range(3)))
+    run_jobs(agg.finish_shard("ev-m", "00000", 1), settings)
+    lost = agg.add("ev-m", "00000", 2, records("00000", range(6))) + agg.finish_shard("ev-m", "00000", 2)
+    run_jobs(lost[:1], settings)  # the second write failed; the caller retries the whole finish
+    with pytest.raises(AggregationError, match="part-00000-a2-00001.parquet is not written"):
+        agg.drop_superseded("ev-m", "00000", 2)
+    retry = agg.add("ev-m", "00000", 2, records("00000", range(6))) + agg.finish_shard("ev-m", "00000", 2)
+    assert [j.seq for j in retry] == [2, 3]
+    run_jobs(retry, settings)
+    assert [u.rsplit("/", 1)[1] for u in agg.drop_superseded("ev-m", "00000", 2)] == ["part-00000-a1-00000.parquet"]
+    table = agg.store.read("ev-m")
+    assert table.num_rows == 6 and set(table["attempt"].to_pylist()) == {2}
+    agg.compact("ev-m")
+    assert len(read_root(settings)) == 6
