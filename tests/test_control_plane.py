@@ -32,7 +32,7 @@ GPUS = {"H100": NODES["h100"]["num_gpus"], "A100": NODES["a100"]["num_gpus"]}
 def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     home = sandbox_root / "control-plane"
     results = tmp_path_factory.mktemp("cp-results")
-    cluster = start_cluster()
+    cluster = start_cluster(dashboard_port=_free_port())
     ray.init(address=cluster.address, namespace="proctor-test", logging_level="ERROR", log_to_driver=False)
     settings = cluster_settings(home, results.as_uri(), f"sqlite:///{home}/state.db")
     home.mkdir(parents=True, exist_ok=True)
@@ -42,6 +42,14 @@ def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
         control_plane.stop(settings)
         ray.shutdown()
         cluster.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def gpu_spec(name: str, gpus: int, gpu_type: str, samples: int = 2, seconds: float = 0.3,
@@ -210,3 +218,36 @@ def test_killing_an_actor_mid_run_loses_and_doubles_nothing(plane: ControlPlane,
         assert not df.duplicated(["sample_id", "epoch"]).any()
         assert df["score"].mean() == 1.0
     assert _runsc_leftovers(plane.settings.home) == []
+
+
+def test_a_ray_job_submits_evaluations_and_gets_results(plane: ControlPlane) -> None:
+    import json
+    import os
+    import sys
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from ray._private.worker import get_dashboard_url
+
+    dashboard = get_dashboard_url()
+    client = JobSubmissionClient(f"http://{dashboard}")
+    s = plane.settings
+    env = {"PROCTOR_HOME": str(s.home), "PROCTOR_STATE_URL": s.state, "PROCTOR_RESULTS_URI": s.results,
+           "PROCTOR_RAY_NAMESPACE": s.ray_namespace, "PROCTOR_SUPERVISORS": str(s.supervisors)}
+    script = EXAMPLES / "ray_job_sweep.py"
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} {script} --spec {EXAMPLES / 'arithmetic.yaml'} --error-rates 0 0.5",
+        runtime_env={"env_vars": env},
+    )
+    deadline = time.monotonic() + 300
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, "the Ray job did not finish"
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    rows = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert [r["error_rate"] for r in rows] == [0.0, 0.5]
+    assert all(r["status"] == "succeeded" for r in rows)
+    assert rows[0]["accuracy"] == 1.0
+    assert abs(rows[1]["accuracy"] - 0.5) < 0.1
+    assert os.path.isdir(rows[1]["results"].removeprefix("file://"))
