@@ -298,6 +298,12 @@ class ResultsStore:
             table = pq.read_table(path, filesystem=self.fs, schema=RESULTS_SCHEMA)
         return deduplicate(conform(table))
 
+    def write_artifact(self, eval_id: str, shard_id: str, path: str, data: bytes) -> str:
+        """Keep one artifact under `_artifacts/` (ignored by Parquet readers). Returns its URI."""
+        uri = join(self.eval_uri(eval_id), "_artifacts", shard_id, path)
+        write_bytes(uri, data, self.settings)
+        return uri
+
     def write_summary(self, eval_id: str, summary: dict[str, Any]) -> str:
         uri = join(self.eval_uri(eval_id), "_summary.json")
         write_bytes(uri, json.dumps(summary, indent=2, default=str).encode(), self.settings)

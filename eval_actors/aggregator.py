@@ -97,6 +97,11 @@ class Aggregator:
         self.finished.add(key)
         return len(records)
 
+    async def store_artifacts(self, eval_id: str, shard_id: str, artifacts: list[tuple[str, bytes]]) -> int:
+        for path, data in artifacts:
+            await asyncio.to_thread(self.core.store.write_artifact, eval_id, shard_id, path, data)
+        return len(artifacts)
+
     async def finalize(self, eval_id: str, scorer_names: list[str], extra: dict[str, Any]) -> dict[str, Any]:
         """Write what is left, compact the parts, and write the summary. Idempotent;
         calls for one evaluation run one at a time."""

@@ -100,6 +100,8 @@ async def run_evaluation(
         async with limit:
             outcome = await executor.run(work, on_event=progress, cancel=cancel)
         store.write_shard(eval_id, work.shard_id, records_table(list(outcome.records), spec.scorer_names()))
+        for path, data in outcome.artifacts:
+            store.write_artifact(eval_id, work.shard_id, path, data)
         return outcome
 
     try:

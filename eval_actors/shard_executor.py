@@ -345,4 +345,5 @@ def _shard_message(work: ShardWork) -> ShardMessage:
         agentic=spec.agentic,
         max_turns=spec.safety.max_turns,
         tool_timeout_s=spec.sandbox.tool_timeout_s,
+        artifacts=list(spec.sandbox.artifacts),
     )

@@ -201,6 +201,8 @@ class Supervisor:
                                                    sandbox_id=sandbox_id)
         # every row of the shard, once more: the aggregator keeps them idempotently
         await aggregator.finish_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers)
+        if outcome.artifacts:
+            await aggregator.store_artifacts.remote(eval_id, shard_id, list(outcome.artifacts))
         status = outcome.status
         retry = status == "failed" and outcome.exit is None  # the sandbox never started: infrastructure
         try:

@@ -174,6 +174,7 @@ class ShardMessage(_Msg):
     agentic: bool = False
     max_turns: int = 20
     tool_timeout_s: float = 60.0
+    artifacts: list[str] = Field(default_factory=list)
 
 
 class Cancel(_Msg):

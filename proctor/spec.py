@@ -283,6 +283,8 @@ class SandboxSpec(StrictModel):
     disk: int = Field(parse_size("1Gi"), description="most bytes in the workspace")
     files: dict[str, str] = Field(default_factory=dict, description="files placed in every workspace: path → content")
     tool_timeout_s: float = Field(60.0, gt=0, le=3600, description="deadline of one shell command the model runs")
+    artifacts: list[str] = Field(default_factory=list, max_length=32,
+                                 description="glob patterns, relative to each sample's folder, of files kept as artifacts")
 
     @field_validator("memory", "output_cap", "disk", mode="before")
     @classmethod
@@ -308,6 +310,13 @@ class SandboxSpec(StrictModel):
     def _relative_paths(cls, v: dict[str, str]) -> dict[str, str]:
         for path in v:
             _check_workspace_path(path)
+        return v
+
+    @field_validator("artifacts")
+    @classmethod
+    def _relative_globs(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            _check_workspace_path(pattern)
         return v
 
 

@@ -70,6 +70,9 @@ def test_agentic_example_passes_its_command_scorer(runtime: SandboxRuntime, sett
     assert result.summary["metrics"]["workspace_check"]["mean"] == 1.0
     records = [r for o in result.outcomes for r in o.records]
     assert all(r.turns >= 2 for r in records)  # tool turns, then the answer
+    kept = sorted(Path(result.results_uri.removeprefix("file://"), "_artifacts").rglob("answer.txt"))
+    assert len(kept) == 6
+    assert {p.read_text().strip() for p in kept} == {"4", "PROCTOR", "alice", "notes/b.txt", "60", "ok"}
 
 
 def test_epochs_multiply_rows_and_summary_matches_pandas(runtime: SandboxRuntime, settings: Settings) -> None:

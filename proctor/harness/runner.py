@@ -8,6 +8,7 @@ cancelled on a `cancel`, error on anything unexpected.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -22,7 +23,7 @@ from proctor.harness.adapters import ModelAdapter, Reply, make_adapter
 from proctor.harness.channel import Cancelled, Channel, clip
 from proctor.harness.scorers import LETTERS, Score, Scorer, build_scorer
 from proctor.harness.tools import BASH_TOOL, run_command, tool_message_content
-from proctor.protocol import MetricEvent, ProgressEvent, SampleEvent, ShardMessage, ShardSample, Usage
+from proctor.protocol import ArtifactEvent, MetricEvent, ProgressEvent, SampleEvent, ShardMessage, ShardSample, Usage
 from proctor.spec import ModelSpec, ScorerSpec, SpecError
 
 AGENT_SYSTEM_PROMPT = (
@@ -31,6 +32,7 @@ AGENT_SYSTEM_PROMPT = (
 )
 _ROLES = ("system", "user", "assistant", "tool")
 MAX_SCORERS = 64
+MAX_ARTIFACTS_PER_SAMPLE = 32
 
 
 def validate_shard(shard: ShardMessage) -> tuple[Any, list[Any]]:
@@ -161,6 +163,7 @@ class ShardRun:
         conversation = Conversation()
         errors: list[str] = []
         scores = self.attempt(sample, epoch, conversation, errors)
+        self.report_artifacts(sample, epoch)
         self.channel.emit(
             SampleEvent,
             sample_id=sample.id[:1024],
@@ -178,6 +181,24 @@ class ShardRun:
             usage=conversation.usage,
             turns=conversation.turns,
         )
+
+    def report_artifacts(self, sample: ShardSample, epoch: int) -> None:
+        """One `artifact` event per regular file matching the shard's patterns (bounded)."""
+        if not self.shard.artifacts:
+            return
+        workdir = self.workspace / sample_dir_name(sample.id, epoch)
+        seen: set[Path] = set()
+        for pattern in self.shard.artifacts:
+            for path in sorted(workdir.glob(pattern))[:MAX_ARTIFACTS_PER_SAMPLE]:
+                if path in seen or path.is_symlink() or not path.is_file() or len(seen) >= MAX_ARTIFACTS_PER_SAMPLE:
+                    continue
+                seen.add(path)
+                digest = hashlib.sha256()
+                with path.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                self.channel.emit(ArtifactEvent, path=str(path.relative_to(self.workspace))[:1024],
+                                  size=path.stat().st_size, sha256=digest.hexdigest())
 
     def attempt(self, sample: ShardSample, epoch: int, conversation: Conversation, errors: list[str]) -> dict[str, Score]:
         """Prepare, converse and score; each failure is appended to `errors`."""
