@@ -235,10 +235,16 @@ def test_a_ray_job_submits_evaluations_and_gets_results(plane: ControlPlane) -> 
     env = {"PROCTOR_HOME": str(s.home), "PROCTOR_STATE_URL": s.state, "PROCTOR_RESULTS_URI": s.results,
            "PROCTOR_RAY_NAMESPACE": s.ray_namespace, "PROCTOR_SUPERVISORS": str(s.supervisors)}
     script = EXAMPLES / "ray_job_sweep.py"
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} {script} --spec {EXAMPLES / 'arithmetic.yaml'} --error-rates 0 0.5",
-        runtime_env={"env_vars": env},
-    )
+    entrypoint = f"{sys.executable} {script} --spec {EXAMPLES / 'arithmetic.yaml'} --error-rates 0 0.5"
+    for wait in range(60):  # the dashboard's job agent may still be starting on a loaded machine
+        try:
+            job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+            break
+        except RuntimeError as exc:
+            last = exc
+            time.sleep(1)
+    else:
+        raise AssertionError(f"the job API kept refusing: {last}")
     deadline = time.monotonic() + 300
     while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.monotonic() < deadline, "the Ray job did not finish"

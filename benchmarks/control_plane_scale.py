@@ -1,0 +1,353 @@
+"""Control-plane scale: K evaluations held running at once, with the SIMULATED sandbox runtime.
+
+The sandboxes are a TEST DOUBLE (`cluster.runtimes.simulated`): no process per
+sandbox, only the runner protocol spoken inside the supervisor, so 10,000 of them fit
+on a small machine. Everything else is the real control plane: the scheduler (spec
+validation, state store, one Ray placement group per shard), the supervisors, the
+aggregator (Parquet parts, compaction, summary) and the event bus, on a local Ray
+instance whose declared CPUs and memory are sized so that all K shards fit at once
+(each asks 0.001 CPU and 64Mi; Ray gets `ceil(K * 0.001) + 1` logical CPUs and
+`K * 64Mi + 1Gi` of logical memory).
+
+Each evaluation: one sample whose simulated run takes `--sim-seconds` (default 60 s, or
+120 s above 2,000 evaluations), so that all K run at the same time, then they end.
+
+Measured (from the driver, in the same run):
+  submit rate      K submissions from --submitters threads, each sending batches of
+                   --batch `Scheduler.submit` calls and `ray.get`-ing each batch;
+  all running      the time from the first submission until the state store shows all K
+                   shards `running` (polled every 0.5 s; count of shards in 'running');
+  memory           peak resident memory (VmRSS from /proc, sampled every second) of the
+                   control plane's actor processes (scheduler, aggregator, event bus,
+                   supervisors; the simulated sandboxes live inside the supervisors),
+                   and separately the GCS server, the raylet, and the other Ray worker
+                   processes (placement-group readiness checks, Parquet-writing tasks);
+  event latency    p50/p99/max of (a) every `progress` event the supervisors publish:
+                   from the bus appending it (its `ts`) to a subscriber's `read` returning
+                   it in the driver; (b) probe `progress` events the driver publishes 20
+                   times a second with `ts` = the moment of the `publish` call: from the
+                   call to a subscriber reading it (adds the bus actor's inbound queue);
+  drain            the time until all K evaluations are terminal (finalised: Parquet
+                   compacted and summary written), bounded by --drain-timeout.
+
+Baseline (printed beside the figures, measured in the same run): the same driver's
+idle bus round trip and the control plane's memory before any submission.
+Goal: K = 10,000 held at once with the control plane's actors under 4 GB.
+
+    .venv/bin/python benchmarks/control_plane_scale.py [--evals 10000] [--sim-seconds S]
+        [--submitters 4] [--batch 100] [--supervisors 2] [--drain-timeout 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cluster.runtimes.simulated import SimulateRemoteRuntimes
+from eval_actors import control_plane
+from eval_actors.control_plane import AGGREGATOR, BUS, SCHEDULER, supervisor_names
+from proctor.settings import Settings
+
+SHARD_CPUS = 0.001
+SHARD_MEMORY = 64 * 1024**2
+PROBE_EVERY_S = 0.05
+
+
+def spec_doc(i: int, sim_seconds: float) -> dict[str, Any]:
+    return {
+        "name": f"scale-{i}",
+        "model": {"adapter": "reference"},
+        "dataset": {"samples": [{"id": "s0", "input": "q", "target": "a", "metadata": {"sim_seconds": sim_seconds}}]},
+        "scorers": [{"type": "exact"}],
+        # "kubernetes" runs in the simulated double here (SimulateRemoteRuntimes)
+        "sandbox": {"runtime": "kubernetes", "cpus": SHARD_CPUS, "memory": "64Mi",
+                    "timeout_s": sim_seconds * 4 + 600},
+    }
+
+
+def rss(pid: int) -> int:
+    """Resident bytes of a process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def quantiles(xs: list[float]) -> str:
+    if not xs:
+        return "no events"
+    xs = sorted(xs)
+    p = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return (f"n={len(xs)}  p50 {p(0.5) * 1000:8.1f} ms  p99 {p(0.99) * 1000:8.1f} ms  "
+            f"max {xs[-1] * 1000:8.1f} ms")
+
+
+class Processes:
+    """The PIDs to watch: control-plane actors by name, GCS, raylet, other Ray workers."""
+
+    def __init__(self, settings: Settings):
+        names = {SCHEDULER, AGGREGATOR, BUS, *supervisor_names(settings)}
+        table = ray._private.state.state.actor_table(None, actor_state_name="ALIVE")
+        self.actors = {a["Name"]: a["Pid"] for a in table.values() if a["Name"] in names}
+        node = ray._private.worker._global_node
+        self.gcs = node.all_processes["gcs_server"][0].process.pid
+        self.raylet = node.all_processes["raylet"][0].process.pid
+
+    def sample(self) -> dict[str, int]:
+        plane = {name: rss(pid) for name, pid in self.actors.items()}
+        others = [p for p in children(self.raylet) if p not in self.actors.values()]
+        return {"plane": sum(plane.values()), **{f"actor:{k}": v for k, v in plane.items()},
+                "gcs": rss(self.gcs), "raylet": rss(self.raylet), "workers": sum(rss(p) for p in others),
+                "workers_n": len(others)}
+
+
+class Watcher(threading.Thread):
+    """Samples the store's shard counts and the processes' memory; prints a line every 10 s."""
+
+    def __init__(self, plane: control_plane.ControlPlane, procs: Processes, k: int, t0: float):
+        super().__init__(daemon=True)
+        self.plane, self.procs, self.k, self.t0 = plane, procs, k, t0
+        self.stop = threading.Event()
+        self.all_running_at: float | None = None
+        self.all_running_until: float | None = None
+        self.peak_running = (0, 0.0)
+        self.peak: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self.terminal_at: float | None = None
+        self.first_done_at: float | None = None
+
+    def run(self) -> None:
+        store = self.plane.store()
+        last_mem = last_print = 0.0
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic() - self.t0
+                shards = store.counts_by_status("shard")
+                evals = store.counts_by_status("evaluation")
+                self.counts = shards
+                running = shards["running"]
+                if running > self.peak_running[0]:
+                    self.peak_running = (running, now)
+                if running >= self.k and self.all_running_at is None:
+                    self.all_running_at = now
+                if self.all_running_at is not None and self.all_running_until is None and running < self.k:
+                    self.all_running_until = now
+                done = sum(evals[s] for s in control_plane.TERMINAL)
+                if done and self.first_done_at is None:
+                    self.first_done_at = now
+                if done >= self.k and self.terminal_at is None:
+                    self.terminal_at = now
+                if now - last_mem >= 1.0:
+                    last_mem = now
+                    mem = self.procs.sample()
+                    for key, value in mem.items():
+                        self.peak[key] = max(self.peak.get(key, 0), value)
+                    if now - last_print >= 10.0:
+                        last_print = now
+                        print(f"  t={now:6.1f}s  shards: queued {shards['queued']:6d} scheduled {shards['scheduled']:6d} "
+                              f"running {running:6d} done {sum(shards[s] for s in control_plane.TERMINAL):6d}  "
+                              f"evaluations done {done:6d}  control-plane RSS {mem['plane'] / 2**20:7.0f} MiB  "
+                              f"GCS {mem['gcs'] / 2**20:5.0f} MiB  raylet {mem['raylet'] / 2**20:5.0f} MiB  "
+                              f"workers {mem['workers_n']} / {mem['workers'] / 2**20:5.0f} MiB", flush=True)
+                self.stop.wait(0.5)
+        finally:
+            store.close()
+
+
+class Subscriber(threading.Thread):
+    """Reads every `progress` event from the bus, as a WebSocket client would, and times it."""
+
+    def __init__(self, bus: Any, after: int):
+        super().__init__(daemon=True)
+        self.bus, self.after = bus, after
+        self.stop = threading.Event()
+        self.plane_lat: list[float] = []
+        self.probe_lat: list[float] = []
+        self.gaps = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            got = ray.get(self.bus.read.remote(self.after, None, 0.5, 5000, ("progress",)))
+            now = time.time()
+            self.gaps += bool(got["gap"])
+            self.after = got["last_seq"]
+            for ev in got["events"]:
+                (self.probe_lat if ev.get("probe") else self.plane_lat).append(now - ev["ts"])
+
+
+class Prober(threading.Thread):
+    def __init__(self, bus: Any):
+        super().__init__(daemon=True)
+        self.bus = bus
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(PROBE_EVERY_S):
+            self.bus.publish.remote([{"type": "progress", "eval_id": None, "probe": True, "ts": time.time()}])
+
+
+def submit_all(plane: control_plane.ControlPlane, k: int, sim_seconds: float, threads: int, batch: int,
+               owners: int) -> list[str]:
+    ids: list[list[str]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            scheduler = plane.scheduler
+            mine = list(range(t, k, threads))
+            for start in range(0, len(mine), batch):
+                refs = [scheduler.submit.remote(spec_doc(i, sim_seconds), f"user{i % owners}")
+                        for i in mine[start:start + batch]]
+                ids[t].extend(ray.get(refs))
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    if errors:
+        raise errors[0]
+    return [i for chunk in ids for i in chunk]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--evals", type=int, default=10_000, help="evaluations held at once (K)")
+    ap.add_argument("--sim-seconds", type=float, default=None,
+                    help="simulated run time of each evaluation's one sample (default 60, 120 above 2,000)")
+    ap.add_argument("--submitters", type=int, default=4, help="driver threads submitting")
+    ap.add_argument("--batch", type=int, default=100, help="submissions per ray.get")
+    ap.add_argument("--owners", type=int, default=10, help="distinct users the evaluations belong to")
+    ap.add_argument("--supervisors", type=int, default=2)
+    ap.add_argument("--drain-timeout", type=float, default=600.0,
+                    help="seconds to wait, after the last evaluation started, for all to be finalised")
+    args = ap.parse_args()
+    k = args.evals
+    sim = args.sim_seconds if args.sim_seconds is not None else (60.0 if k <= 2000 else 120.0)
+
+    home = Path(tempfile.mkdtemp(prefix="proctor-bench-scale-"))
+    settings = Settings(home=home, results_uri=(home / "results").as_uri(), state_url=f"sqlite:///{home}/state.db",
+                        ray_namespace="proctor-bench", supervisors=args.supervisors)
+    cpus = math.ceil(k * SHARD_CPUS) + 1
+    memory = k * SHARD_MEMORY + 1024**3
+    ray.init(address="local", num_cpus=cpus, _memory=memory, object_store_memory=512 * 1024**2,
+             namespace=settings.ray_namespace, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    print(f"SIMULATED sandboxes (a TEST DOUBLE: no sandbox processes; protocol spoken inside the supervisors)")
+    print(f"K={k} one-sample evaluations, {sim:g} s simulated each, {SHARD_CPUS} CPU + 64Mi per shard; "
+          f"Ray: {cpus} logical CPUs, {memory / 1024**3:.0f} GiB logical memory; {args.supervisors} supervisors; "
+          f"host: {os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 1024**3:.0f} GB")
+    watcher = subscriber = prober = None
+    try:
+        plane = control_plane.start(settings, runtime_factory=SimulateRemoteRuntimes())
+        bus = plane.bus
+        procs = Processes(settings)
+        idle = procs.sample()
+        # baseline: an idle bus's publish -> read round trip from this driver
+        base = []
+        for _ in range(50):
+            t = time.time()
+            seq = ray.get(bus.publish.remote([{"type": "progress", "eval_id": None, "probe": True, "ts": t}]))
+            ray.get(bus.read.remote(seq - 1, None, 0.0, 10, ("progress",)))
+            base.append(time.time() - t)
+        subscriber = Subscriber(bus, ray.get(bus.last_seq.remote()))
+        subscriber.start()
+        prober = Prober(bus)
+        prober.start()
+
+        t0 = time.monotonic()
+        watcher = Watcher(plane, procs, k, t0)
+        watcher.start()
+        ids = submit_all(plane, k, sim, args.submitters, args.batch, args.owners)
+        submitted = time.monotonic() - t0
+        print(f"  submitted {len(ids)} in {submitted:.1f} s", flush=True)
+        # hold until all run, or until the first would have finished anyway
+        deadline = t0 + submitted + sim + 60
+        while watcher.all_running_at is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        started = time.monotonic()
+        while watcher.terminal_at is None and time.monotonic() - started < sim + args.drain_timeout:
+            time.sleep(1.0)
+        prober.stop.set()
+        time.sleep(1.0)  # the subscriber reads the last probes
+    finally:
+        for th in (watcher, subscriber, prober):
+            if th is not None:
+                th.stop.set()
+        for th in (watcher, subscriber, prober):
+            if th is not None:
+                th.join(timeout=5)
+        try:
+            status = ray.get(plane.scheduler.status.remote(), timeout=30)
+        except Exception:  # noqa: BLE001
+            status = {}
+        control_plane.stop(settings)
+        ray.shutdown()
+        shutil.rmtree(home, ignore_errors=True)
+
+    mib = lambda b: f"{b / 2**20:7.0f} MiB"  # noqa: E731
+    peak = watcher.peak
+    counts = watcher.counts
+    print("results (simulated sandboxes: a TEST DOUBLE)")
+    print(f"submit rate:        {k / submitted:8.1f} evaluations/s  ({k} in {submitted:.1f} s, "
+          f"{args.submitters} threads x batches of {args.batch})")
+    if watcher.all_running_at is not None:
+        held = (watcher.all_running_until - watcher.all_running_at) if watcher.all_running_until else None
+        print(f"all {k} running:    at {watcher.all_running_at:8.1f} s after the first submission"
+              + (f" (held for {held:.1f} s)" if held is not None else ""))
+    else:
+        print(f"all {k} running:    NEVER; peak {watcher.peak_running[0]} running at {watcher.peak_running[1]:.1f} s")
+    print(f"peak RSS, control-plane actors (scheduler+aggregator+bus+{args.supervisors} supervisors): "
+          f"{mib(peak.get('plane', 0))}   idle before submitting: {mib(idle['plane'])}   (goal < 4096 MiB)")
+    print("  per actor peak: " + ", ".join(f"{k_.split(':', 1)[1]} {peak[k_] / 2**20:.0f}"
+                                            for k_ in sorted(peak) if k_.startswith("actor:")) + " MiB")
+    print(f"peak RSS, Ray itself: GCS {mib(peak.get('gcs', 0))}  raylet {mib(peak.get('raylet', 0))}  "
+          f"other Ray workers {mib(peak.get('workers', 0))} (at most {peak.get('workers_n', 0)} processes)")
+    print(f"progress events, bus append -> subscriber read:   {quantiles(subscriber.plane_lat)}")
+    print(f"probe events, publish call -> subscriber read:    {quantiles(subscriber.probe_lat)}")
+    print(f"baseline, idle bus publish + read round trip:     {quantiles(base)}")
+    if subscriber.probe_lat and base:
+        p99 = sorted(subscriber.probe_lat)[min(len(subscriber.probe_lat) - 1, int(0.99 * len(subscriber.probe_lat)))]
+        print(f"ratio probe p99 under load / idle round-trip p99: "
+              f"{p99 / sorted(base)[min(len(base) - 1, int(0.99 * len(base)))]:.1f}"
+              + (f"  (subscriber fell behind the log {subscriber.gaps} times)" if subscriber.gaps else ""))
+    if watcher.terminal_at is not None:
+        print(f"drain:              all {k} finalised at {watcher.terminal_at:.1f} s "
+              f"(first at {watcher.first_done_at:.1f} s)")
+    else:
+        print(f"drain:              NOT finished within the timeout: shards {counts}")
+    if status:
+        print(f"scheduler: admitted {status.get('admitted_total')}, running {status.get('running_shards')}, "
+              f"queued {status.get('queued_shards')}")
+
+
+if __name__ == "__main__":
+    main()
