@@ -102,13 +102,15 @@ class Aggregator:
             await asyncio.to_thread(self.core.store.write_artifact, eval_id, shard_id, path, data)
         return len(artifacts)
 
-    async def finalize(self, eval_id: str, scorer_names: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    async def finalize(self, eval_id: str, scorer_names: list[str], extra: dict[str, Any],
+                       by: dict[str, str] | None = None) -> dict[str, Any]:
         """Write what is left, compact the parts, and write the summary. Idempotent;
         calls for one evaluation run one at a time."""
         async with self.finalizing.setdefault(eval_id, asyncio.Lock()):
-            return await self._finalize(eval_id, scorer_names, extra)
+            return await self._finalize(eval_id, scorer_names, extra, by)
 
-    async def _finalize(self, eval_id: str, scorer_names: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    async def _finalize(self, eval_id: str, scorer_names: list[str], extra: dict[str, Any],
+                        by: dict[str, str] | None) -> dict[str, Any]:
         async with self.lock:
             self.core.open(eval_id, scorer_names)
             jobs = self.core.finish_evaluation(eval_id)
@@ -118,7 +120,7 @@ class Aggregator:
             table = await asyncio.to_thread(self.core.store.read, eval_id)
         else:  # nothing ran (cancelled while queued): an empty table, still a summary
             table = RESULTS_SCHEMA.empty_table()
-        summary = summarize(table, scorer_names)
+        summary = summarize(table, scorer_names, by=by)
         summary.update({"eval_id": eval_id, **extra})
         await asyncio.to_thread(self.core.store.write_summary, eval_id, summary)
         self.finished = {k for k in self.finished if k[0] != eval_id}

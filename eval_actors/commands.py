@@ -96,6 +96,12 @@ def print_summary(s: dict[str, Any], eval_id: str, status: str, results_uri: str
         ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["mean"] is not None else "-"
         table.add_row(name, f"{m['mean']:.3f}" if m["mean"] is not None else "-", ci, str(m["n"]))
     console.print(table)
+    groups = s.get("groups") or {}
+    if groups:
+        first = next(iter(s.get("metrics", {})), None)
+        parts = [f"{g} {v['metrics'][first]['mean']:.3f} (n={v['samples']})" for g, v in groups.items()
+                 if first and v["metrics"].get(first, {}).get("mean") is not None]
+        console.print(f"by group ({first}): " + "   ".join(parts))
     if "samples" in s:
         weak = " (weaker isolation)" if "weak" in s.get("isolation", []) else ""
         shards = s.get("shards", {})

@@ -110,7 +110,9 @@ async def run_evaluation(
         if own_gateway:
             await gateway.aclose()
     table = store.read(eval_id)
-    summary = summarize(table, spec.scorer_names())
+    key = spec.dataset.group_by
+    by = {str(x.id): str(x.metadata.get(key, "(none)")) for x in samples} if key else None
+    summary = summarize(table, spec.scorer_names(), by=by)
     statuses = {o.status for o in outcomes}
     status = "cancelled" if "cancelled" in statuses else "failed" if "failed" in statuses else "succeeded"
     duration = time.monotonic() - started

@@ -328,7 +328,12 @@ class Scheduler:
             "duration_s": round(time.time() - ev.created_at.timestamp(), 3),
         }
         try:
-            result = await self._actor(self.aggregator_name).finalize.remote(eval_id, spec.scorer_names(), extra)
+            by = None
+            if spec.dataset.group_by:
+                key = spec.dataset.group_by
+                by = {str(x.id): str(x.metadata.get(key, "(none)"))
+                      for x in await asyncio.to_thread(load_samples, spec.dataset, self.settings)}
+            result = await self._actor(self.aggregator_name).finalize.remote(eval_id, spec.scorer_names(), extra, by)
         except Exception as exc:  # results could not be written: the evaluation failed
             log.exception("finalizing %s failed", eval_id)
             result = {"summary": None, "results_uri": None, "error": f"results could not be written: {exc}"}

@@ -178,6 +178,8 @@ class Dataset(StrictModel):
     samples: list[Sample] | None = None
     path: str | None = Field(None, description="a .jsonl or .parquet file, local or s3://bucket/key")
     limit: int | None = Field(None, ge=1, description="use only the first N samples")
+    group_by: str | None = Field(None, max_length=100,
+                                 description="a metadata key; the summary then breaks metrics down by its values")
 
     @model_validator(mode="after")
     def _one_source(self) -> "Dataset":

@@ -164,6 +164,8 @@ def test_gvisor_evaluation_through_the_control_plane(plane: ControlPlane) -> Non
     assert len(df) == 240 and not df.duplicated(["sample_id", "epoch"]).any()
     assert set(df["runtime"]) == {"gvisor"}
     assert abs(ev.summary["metrics"]["exact"]["mean"] - df["score"].mean()) < 1e-12
+    groups = ev.summary["groups"]
+    assert set(groups) == {"+", "-", "*"} and all(g["samples"] == 80 for g in groups.values())
 
 
 def _slow_spec(name: str, samples: int = 6) -> dict[str, Any]:
