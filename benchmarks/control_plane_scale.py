@@ -22,9 +22,12 @@ Measured (from the driver, in the same run):
                    supervisors; the simulated sandboxes live inside the supervisors),
                    and separately the GCS server, the raylet, and the other Ray worker
                    processes (placement-group readiness checks, Parquet-writing tasks);
-  event latency    p50/p99/max of (a) every `progress` event the supervisors publish:
+  CPU              CPU seconds each process used until all K ran (from /proc), which
+                   shows what the ramp waits for;
+  event latency    measured in a second driver process (apart from the busy submitting
+                   one, whose GIL would add to every figure): p50/p99/max of (a) every `progress` event the supervisors publish:
                    from the bus appending it (its `ts`) to a subscriber's `read` returning
-                   it in the driver; (b) probe `progress` events the driver publishes 20
+                   it; (b) probe `progress` events the driver publishes 20
                    times a second with `ts` = the moment of the `publish` call: from the
                    call to a subscriber reading it (adds the bus actor's inbound queue);
   drain            the time until all K evaluations are terminal (finalised: Parquet
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -61,6 +65,7 @@ from proctor.settings import Settings
 SHARD_CPUS = 0.001
 SHARD_MEMORY = 64 * 1024**2
 PROBE_EVERY_S = 0.05
+STALL_S = 90.0
 
 
 def spec_doc(i: int, sim_seconds: float) -> dict[str, Any]:
@@ -87,6 +92,16 @@ def rss(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def children(pid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
@@ -110,22 +125,32 @@ def quantiles(xs: list[float]) -> str:
 
 
 class Processes:
-    """The PIDs to watch: control-plane actors by name, GCS, raylet, other Ray workers."""
+    """The PIDs to watch: control-plane actors by name, the GCS, the raylets, and the other
+    processes under the raylets (Ray's agents, task workers)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, cluster: Any):
         names = {SCHEDULER, AGGREGATOR, BUS, *supervisor_names(settings)}
         table = ray._private.state.state.actor_table(None, actor_state_name="ALIVE")
         self.actors = {a["Name"]: a["Pid"] for a in table.values() if a["Name"] in names}
-        node = ray._private.worker._global_node
-        self.gcs = node.all_processes["gcs_server"][0].process.pid
-        self.raylet = node.all_processes["raylet"][0].process.pid
+        self.gcs = cluster.head_node.all_processes["gcs_server"][0].process.pid
+        self.raylets = [n.all_processes["raylet"][0].process.pid for n in cluster.list_all_nodes()]
+
+    def others(self) -> list[int]:
+        return [p for r in self.raylets for p in children(r) if p not in self.actors.values()]
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each actor, the GCS, the raylets, this driver and the others alive."""
+        out = {name.removeprefix("proctor-"): cpu_seconds(pid) for name, pid in self.actors.items()}
+        out.update(gcs=cpu_seconds(self.gcs), raylets=sum(cpu_seconds(p) for p in self.raylets),
+                   driver=cpu_seconds(os.getpid()), others=sum(cpu_seconds(p) for p in self.others()))
+        return out
 
     def sample(self) -> dict[str, int]:
         plane = {name: rss(pid) for name, pid in self.actors.items()}
-        others = [p for p in children(self.raylet) if p not in self.actors.values()]
+        others = self.others()
         return {"plane": sum(plane.values()), **{f"actor:{k}": v for k, v in plane.items()},
-                "gcs": rss(self.gcs), "raylet": rss(self.raylet), "workers": sum(rss(p) for p in others),
-                "workers_n": len(others)}
+                "gcs": rss(self.gcs), "raylets": sum(rss(p) for p in self.raylets),
+                "others": sum(rss(p) for p in others), "others_n": len(others)}
 
 
 class Watcher(threading.Thread):
@@ -142,6 +167,10 @@ class Watcher(threading.Thread):
         self.counts: dict[str, int] = {}
         self.terminal_at: float | None = None
         self.first_done_at: float | None = None
+        self.changed_at = 0.0  # when the shard or evaluation counts last changed
+        self.cpu_start = procs.cpu()
+        self.cpu_ramp: dict[str, float] = {}
+        self.mem_held: dict[str, int] = {}
 
     def run(self) -> None:
         store = self.plane.store()
@@ -151,12 +180,15 @@ class Watcher(threading.Thread):
                 now = time.monotonic() - self.t0
                 shards = store.counts_by_status("shard")
                 evals = store.counts_by_status("evaluation")
-                self.counts = shards
+                if (shards, evals) != (self.counts, getattr(self, "evals", None)):
+                    self.changed_at = now
+                self.counts, self.evals = shards, evals
                 running = shards["running"]
                 if running > self.peak_running[0]:
                     self.peak_running = (running, now)
                 if running >= self.k and self.all_running_at is None:
                     self.all_running_at = now
+                    self.cpu_ramp = self.procs.cpu()
                 if self.all_running_at is not None and self.all_running_until is None and running < self.k:
                     self.all_running_until = now
                 done = sum(evals[s] for s in control_plane.TERMINAL)
@@ -164,18 +196,20 @@ class Watcher(threading.Thread):
                     self.first_done_at = now
                 if done >= self.k and self.terminal_at is None:
                     self.terminal_at = now
-                if now - last_mem >= 1.0:
+                if now - last_mem >= 1.0 or (self.all_running_at is not None and not self.mem_held):
                     last_mem = now
                     mem = self.procs.sample()
                     for key, value in mem.items():
                         self.peak[key] = max(self.peak.get(key, 0), value)
+                    if self.all_running_at is not None and not self.mem_held:
+                        self.mem_held = mem
                     if now - last_print >= 10.0:
                         last_print = now
                         print(f"  t={now:6.1f}s  shards: queued {shards['queued']:6d} scheduled {shards['scheduled']:6d} "
                               f"running {running:6d} done {sum(shards[s] for s in control_plane.TERMINAL):6d}  "
                               f"evaluations done {done:6d}  control-plane RSS {mem['plane'] / 2**20:7.0f} MiB  "
-                              f"GCS {mem['gcs'] / 2**20:5.0f} MiB  raylet {mem['raylet'] / 2**20:5.0f} MiB  "
-                              f"workers {mem['workers_n']} / {mem['workers'] / 2**20:5.0f} MiB", flush=True)
+                              f"GCS {mem['gcs'] / 2**20:5.0f} MiB  raylets {mem['raylets'] / 2**20:5.0f} MiB  "
+                              f"other Ray processes {mem['others_n']} / {mem['others'] / 2**20:5.0f} MiB", flush=True)
                 self.stop.wait(0.5)
         finally:
             store.close()
@@ -213,6 +247,31 @@ class Prober(threading.Thread):
             self.bus.publish.remote([{"type": "progress", "eval_id": None, "probe": True, "ts": time.time()}])
 
 
+def latency_process(address: str, namespace: str, conn: Any) -> None:
+    """A second driver, apart from the busy submitting one (its GIL would add to every
+    figure): an idle-bus baseline first, then the subscriber and the prober until told."""
+    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+    bus = ray.get_actor(BUS, namespace=namespace)
+    base = []
+    for _ in range(50):  # baseline: an idle bus's publish -> read round trip
+        t = time.time()
+        seq = ray.get(bus.publish.remote([{"type": "progress", "eval_id": None, "probe": True, "ts": t}]))
+        ray.get(bus.read.remote(seq - 1, None, 0.0, 10, ("progress",)))
+        base.append(time.time() - t)
+    subscriber = Subscriber(bus, ray.get(bus.last_seq.remote()))
+    subscriber.start()
+    prober = Prober(bus)
+    prober.start()
+    conn.send(base)
+    conn.recv()  # stop
+    prober.stop.set()
+    time.sleep(1.0)  # the last probes are read
+    subscriber.stop.set()
+    subscriber.join(timeout=5)
+    conn.send((subscriber.plane_lat, subscriber.probe_lat, subscriber.gaps))
+    ray.shutdown()
+
+
 def submit_all(plane: control_plane.ControlPlane, k: int, sim_seconds: float, threads: int, batch: int,
                owners: int) -> list[str]:
     ids: list[list[str]] = [[] for _ in range(threads)]
@@ -244,44 +303,51 @@ def main() -> None:
     ap.add_argument("--evals", type=int, default=10_000, help="evaluations held at once (K)")
     ap.add_argument("--sim-seconds", type=float, default=None,
                     help="simulated run time of each evaluation's one sample (default 60, 120 above 2,000)")
+    ap.add_argument("--nodes", type=int, default=1, help="Ray nodes (raylets) on this machine, sharing the shards")
     ap.add_argument("--submitters", type=int, default=4, help="driver threads submitting")
     ap.add_argument("--batch", type=int, default=100, help="submissions per ray.get")
     ap.add_argument("--owners", type=int, default=10, help="distinct users the evaluations belong to")
     ap.add_argument("--supervisors", type=int, default=2)
     ap.add_argument("--drain-timeout", type=float, default=600.0,
-                    help="seconds to wait, after the last evaluation started, for all to be finalised")
+                    help="seconds to wait, after the simulated time, for all evaluations to be finalised")
     args = ap.parse_args()
     k = args.evals
     sim = args.sim_seconds if args.sim_seconds is not None else (60.0 if k <= 2000 else 120.0)
 
+    from ray.cluster_utils import Cluster
+
     home = Path(tempfile.mkdtemp(prefix="proctor-bench-scale-"))
     settings = Settings(home=home, results_uri=(home / "results").as_uri(), state_url=f"sqlite:///{home}/state.db",
                         ray_namespace="proctor-bench", supervisors=args.supervisors)
-    cpus = math.ceil(k * SHARD_CPUS) + 1
-    memory = k * SHARD_MEMORY + 1024**3
-    ray.init(address="local", num_cpus=cpus, _memory=memory, object_store_memory=512 * 1024**2,
-             namespace=settings.ray_namespace, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    print(f"SIMULATED sandboxes (a TEST DOUBLE: no sandbox processes; protocol spoken inside the supervisors)")
+    per_node = math.ceil(k / args.nodes)
+    cpus = math.ceil(per_node * SHARD_CPUS) + 1
+    memory = per_node * SHARD_MEMORY + 1024**3
+    node_args = {"num_cpus": cpus, "memory": memory, "object_store_memory": 256 * 1024**2}
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    for _ in range(args.nodes - 1):
+        cluster.add_node(**node_args)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=settings.ray_namespace, logging_level="ERROR", log_to_driver=False)
+    print("SIMULATED sandboxes (a TEST DOUBLE: no sandbox processes; the protocol is spoken inside the supervisors)")
     print(f"K={k} one-sample evaluations, {sim:g} s simulated each, {SHARD_CPUS} CPU + 64Mi per shard; "
-          f"Ray: {cpus} logical CPUs, {memory / 1024**3:.0f} GiB logical memory; {args.supervisors} supervisors; "
-          f"host: {os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 1024**3:.0f} GB")
-    watcher = subscriber = prober = None
+          f"Ray: {args.nodes} node(s) x {cpus} logical CPUs, {memory / 1024**3:.0f} GiB logical memory; "
+          f"{args.supervisors} supervisors; host: {os.cpu_count()} CPUs, "
+          f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 1024**3:.0f} GB; "
+          f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
+    watcher = latency = None
+    conn, child_conn = multiprocessing.Pipe()
+    plane_lat: list[float] = []
+    probe_lat: list[float] = []
+    gaps = 0
+    status: dict[str, Any] = {}
     try:
         plane = control_plane.start(settings, runtime_factory=SimulateRemoteRuntimes())
-        bus = plane.bus
-        procs = Processes(settings)
+        procs = Processes(settings, cluster)
         idle = procs.sample()
-        # baseline: an idle bus's publish -> read round trip from this driver
-        base = []
-        for _ in range(50):
-            t = time.time()
-            seq = ray.get(bus.publish.remote([{"type": "progress", "eval_id": None, "probe": True, "ts": t}]))
-            ray.get(bus.read.remote(seq - 1, None, 0.0, 10, ("progress",)))
-            base.append(time.time() - t)
-        subscriber = Subscriber(bus, ray.get(bus.last_seq.remote()))
-        subscriber.start()
-        prober = Prober(bus)
-        prober.start()
+        latency = multiprocessing.get_context("spawn").Process(
+            target=latency_process, args=(cluster.address, settings.ray_namespace, child_conn), daemon=True)
+        latency.start()
+        base = conn.recv()
 
         t0 = time.monotonic()
         watcher = Watcher(plane, procs, k, t0)
@@ -289,64 +355,82 @@ def main() -> None:
         ids = submit_all(plane, k, sim, args.submitters, args.batch, args.owners)
         submitted = time.monotonic() - t0
         print(f"  submitted {len(ids)} in {submitted:.1f} s", flush=True)
-        # hold until all run, or until the first would have finished anyway
+        # until all run, or until the first would have finished anyway
         deadline = t0 + submitted + sim + 60
         while watcher.all_running_at is None and time.monotonic() < deadline:
+            if time.monotonic() - t0 - watcher.changed_at > STALL_S:
+                print(f"  nothing changed in the store for {STALL_S:.0f} s: stopped waiting", flush=True)
+                break
             time.sleep(0.5)
+        if not watcher.cpu_ramp:
+            watcher.cpu_ramp = procs.cpu()
         started = time.monotonic()
         while watcher.terminal_at is None and time.monotonic() - started < sim + args.drain_timeout:
+            if time.monotonic() - t0 - watcher.changed_at > STALL_S:
+                print(f"  nothing changed in the store for {STALL_S:.0f} s: stopped waiting", flush=True)
+                break
             time.sleep(1.0)
-        prober.stop.set()
-        time.sleep(1.0)  # the subscriber reads the last probes
+        ramp_end = watcher.all_running_at or (started - t0)
+        conn.send("stop")
+        if conn.poll(30):
+            plane_lat, probe_lat, gaps = conn.recv()
+        status = ray.get(plane.scheduler.status.remote(), timeout=30)
     finally:
-        for th in (watcher, subscriber, prober):
-            if th is not None:
-                th.stop.set()
-        for th in (watcher, subscriber, prober):
-            if th is not None:
-                th.join(timeout=5)
-        try:
-            status = ray.get(plane.scheduler.status.remote(), timeout=30)
-        except Exception:  # noqa: BLE001
-            status = {}
+        if watcher is not None:
+            watcher.stop.set()
+            watcher.join(timeout=5)
+        if latency is not None:
+            latency.join(timeout=10)
+            if latency.is_alive():
+                latency.terminate()
         control_plane.stop(settings)
         ray.shutdown()
+        cluster.shutdown()
         shutil.rmtree(home, ignore_errors=True)
 
-    mib = lambda b: f"{b / 2**20:7.0f} MiB"  # noqa: E731
-    peak = watcher.peak
-    counts = watcher.counts
-    print("results (simulated sandboxes: a TEST DOUBLE)")
-    print(f"submit rate:        {k / submitted:8.1f} evaluations/s  ({k} in {submitted:.1f} s, "
-          f"{args.submitters} threads x batches of {args.batch})")
+    mib = lambda b: f"{b / 2**20:6.0f} MiB"  # noqa: E731
+    peak, held = watcher.peak, watcher.mem_held
+    print("results (SIMULATED sandboxes: a TEST DOUBLE)")
+    print(f"submit rate:      {k / submitted:7.1f} evaluations/s  ({k} in {submitted:.1f} s, "
+          f"{args.submitters} threads x batches of {args.batch} Scheduler.submit calls)")
     if watcher.all_running_at is not None:
-        held = (watcher.all_running_until - watcher.all_running_at) if watcher.all_running_until else None
-        print(f"all {k} running:    at {watcher.all_running_at:8.1f} s after the first submission"
-              + (f" (held for {held:.1f} s)" if held is not None else ""))
+        until = watcher.all_running_until
+        print(f"all {k} running at once: {watcher.all_running_at:.1f} s after the first submission"
+              + (f", for {until - watcher.all_running_at:.1f} s" if until else "")
+              + f"  (admission {k / watcher.all_running_at:.1f} shards/s overall)")
     else:
-        print(f"all {k} running:    NEVER; peak {watcher.peak_running[0]} running at {watcher.peak_running[1]:.1f} s")
-    print(f"peak RSS, control-plane actors (scheduler+aggregator+bus+{args.supervisors} supervisors): "
-          f"{mib(peak.get('plane', 0))}   idle before submitting: {mib(idle['plane'])}   (goal < 4096 MiB)")
-    print("  per actor peak: " + ", ".join(f"{k_.split(':', 1)[1]} {peak[k_] / 2**20:.0f}"
-                                            for k_ in sorted(peak) if k_.startswith("actor:")) + " MiB")
-    print(f"peak RSS, Ray itself: GCS {mib(peak.get('gcs', 0))}  raylet {mib(peak.get('raylet', 0))}  "
-          f"other Ray workers {mib(peak.get('workers', 0))} (at most {peak.get('workers_n', 0)} processes)")
-    print(f"progress events, bus append -> subscriber read:   {quantiles(subscriber.plane_lat)}")
-    print(f"probe events, publish call -> subscriber read:    {quantiles(subscriber.probe_lat)}")
-    print(f"baseline, idle bus publish + read round trip:     {quantiles(base)}")
-    if subscriber.probe_lat and base:
-        p99 = sorted(subscriber.probe_lat)[min(len(subscriber.probe_lat) - 1, int(0.99 * len(subscriber.probe_lat)))]
+        print(f"all {k} running at once: NEVER; at most {watcher.peak_running[0]} running "
+              f"(at {watcher.peak_running[1]:.1f} s)")
+    print(f"control-plane actors' RSS (scheduler + aggregator + bus + {args.supervisors} supervisors):")
+    print(f"  idle before submitting {mib(idle['plane'])}   with all {k} running "
+          f"{mib(held['plane']) if held else '   n/a'}   peak (drain included) {mib(peak.get('plane', 0))}"
+          f"   (goal < 4096 MiB)")
+    print("  peak per actor: " + ", ".join(f"{k_.split(':', 1)[1].removeprefix('proctor-')} "
+                                            f"{peak[k_] / 2**20:.0f}" for k_ in sorted(peak)
+                                            if k_.startswith("actor:")) + " MiB")
+    print(f"Ray itself, peak RSS: GCS {mib(peak.get('gcs', 0))}  raylet(s) {mib(peak.get('raylets', 0))}  "
+          f"other processes under the raylets {mib(peak.get('others', 0))} (agents, task workers; "
+          f"at most {peak.get('others_n', 0)})")
+    used = {name: watcher.cpu_ramp[name] - watcher.cpu_start.get(name, 0.0) for name in watcher.cpu_ramp}
+    print(f"CPU seconds used until all ran ({ramp_end:.0f} s x {os.cpu_count()} CPUs = "
+          f"{ramp_end * (os.cpu_count() or 1):.0f} available): " + ", ".join(
+              f"{name} {sec:.0f}" for name, sec in sorted(used.items(), key=lambda kv: -kv[1])))
+    print(f"progress events, bus append -> subscriber read:  {quantiles(plane_lat)}")
+    print(f"probe events, publish call -> subscriber read:   {quantiles(probe_lat)}")
+    print(f"baseline, idle bus publish + read round trip:    {quantiles(base)}")
+    if probe_lat and base:
+        p99 = sorted(probe_lat)[min(len(probe_lat) - 1, int(0.99 * len(probe_lat)))]
         print(f"ratio probe p99 under load / idle round-trip p99: "
               f"{p99 / sorted(base)[min(len(base) - 1, int(0.99 * len(base)))]:.1f}"
-              + (f"  (subscriber fell behind the log {subscriber.gaps} times)" if subscriber.gaps else ""))
+              + (f"  (the subscriber fell behind the log {gaps} times)" if gaps else ""))
     if watcher.terminal_at is not None:
-        print(f"drain:              all {k} finalised at {watcher.terminal_at:.1f} s "
-              f"(first at {watcher.first_done_at:.1f} s)")
+        print(f"drain: all {k} finalised (Parquet compacted, summary written) at {watcher.terminal_at:.1f} s; "
+              f"first at {watcher.first_done_at:.1f} s")
     else:
-        print(f"drain:              NOT finished within the timeout: shards {counts}")
+        print(f"drain: NOT finished: shards {watcher.counts}")
     if status:
         print(f"scheduler: admitted {status.get('admitted_total')}, running {status.get('running_shards')}, "
-              f"queued {status.get('queued_shards')}")
+              f"queued {status.get('queued_shards')}; load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import ray
@@ -26,6 +27,9 @@ from proctor.settings import Settings
 
 log = logging.getLogger("proctor.aggregator")
 FLUSH_EVERY_S = 5.0
+# part-writing tasks in flight at once: they ask for no CPU, so without a bound a burst of
+# finishing shards makes Ray start a worker process (~120 MB each) for every waiting task
+WRITES_IN_FLIGHT = 2 * (os.cpu_count() or 1)
 
 
 def streamed_attempt(attempt: int) -> int:
@@ -52,6 +56,7 @@ class Aggregator:
         self.lock = asyncio.Lock()
         self.finished: set[tuple[str, str, int]] = set()
         self.finalizing: dict[str, asyncio.Lock] = {}
+        self.writes = asyncio.Semaphore(WRITES_IN_FLIGHT)
         asyncio.get_event_loop().create_task(self._flush_loop())
 
     async def ping(self) -> bool:
@@ -69,7 +74,11 @@ class Aggregator:
 
     async def _run(self, jobs: list[Any]) -> None:
         if jobs:
-            await asyncio.gather(*(_write_part_task.remote(job, self.settings) for job in jobs))
+            await asyncio.gather(*(self._write(job) for job in jobs))
+
+    async def _write(self, job: Any) -> Any:
+        async with self.writes:
+            return await _write_part_task.remote(job, self.settings)
 
     async def add_records(self, eval_id: str, shard_id: str, attempt: int, records: list[Any],
                           scorer_names: list[str]) -> int:

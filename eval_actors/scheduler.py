@@ -40,6 +40,11 @@ TERMINAL = {"succeeded", "failed", "cancelled", "safety_stopped"}
 TICK_S = 0.1
 RECONCILE_S = 2.0
 MAX_ADMITS_PER_TICK = 256
+# placement groups being created at once: Ray places them one by one, more slowly the more a
+# node holds (a few per second with thousands), so an unbounded burst would time out and churn
+MAX_PLACING = 32
+PLACEMENT_TIMEOUT_S = 30.0
+HANDLE_TTL_S = 1.0  # a named actor's handle is looked up again after this (a replaced actor is found)
 
 
 @dataclass
@@ -85,6 +90,7 @@ class Scheduler:
         self._starting: asyncio.Task[Any] | None = None
         self._starts: set[asyncio.Task[None]] = set()
         self.finishing: set[str] = set()
+        self._handles: dict[str, tuple[Any, float]] = {}
         # an async actor's __init__ runs on its event loop: start (and recover) at once,
         # also after Ray restarts this actor
         self._starting = asyncio.get_event_loop().create_task(self.start())
@@ -92,7 +98,14 @@ class Scheduler:
     # ------------------------------------------------------------ handles
 
     def _actor(self, name: str) -> Any:
-        return ray.get_actor(name, namespace=self.settings.ray_namespace)
+        # `ray.get_actor` is a blocking GCS round trip (~0.3-0.5 ms): keep handles briefly
+        now = time.monotonic()
+        hit = self._handles.get(name)
+        if hit is not None and now - hit[1] < HANDLE_TTL_S:
+            return hit[0]
+        handle = ray.get_actor(name, namespace=self.settings.ray_namespace)
+        self._handles[name] = (handle, now)
+        return handle
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
         try:
@@ -196,16 +209,25 @@ class Scheduler:
     async def _admit(self) -> None:
         if not len(self.queue):
             return
-        nodes = self._node_view()
         running_by_owner: dict[str, int] = {}
+        placing = 0
         for r in self.running.values():
             running_by_owner[r.owner] = running_by_owner.get(r.owner, 0) + 1
+            placing += r.supervisor is None
+        room = min(MAX_ADMITS_PER_TICK, MAX_PLACING - placing)
+        if room <= 0:
+            return  # the next tick looks again
+        nodes = self._node_view()
         blocked_types: set[str | None] = set()
         admits: list[tuple[QueuedShard, Node]] = []
         reasons: dict[str, str] = {}
+        reached: set[str] = set()
+        whole_pass = True
         for q in self.queue.candidates(running_by_owner):
-            if len(admits) >= MAX_ADMITS_PER_TICK:
+            if len(admits) >= room:
+                whole_pass = False
                 break
+            reached.add(q.eval_id)
             d = q.demand
             if d.gpus and (d.gpu_type in blocked_types or None in blocked_types):
                 reasons.setdefault(q.eval_id, f"waiting behind a larger {d.gpu_type or 'GPU'} shard")
@@ -228,7 +250,8 @@ class Scheduler:
             self._starts.add(task)
             task.add_done_callback(self._starts.discard)
         admitted = {q.eval_id for q, _ in admits}
-        for eval_id in set(self.reasons) | set(reasons):
+        # an evaluation this pass did not reach keeps its reason (no flapping in the store)
+        for eval_id in (set(self.reasons) if whole_pass else set(self.reasons) & reached) | set(reasons):
             reason = None if eval_id in admitted and eval_id not in reasons else reasons.get(eval_id)
             if self.reasons.get(eval_id) != reason:
                 self.reasons[eval_id] = reason
@@ -246,23 +269,26 @@ class Scheduler:
                              name=pg_name(q.eval_id, q.shard_id, shard.attempt),
                              bundle_label_selector=[{"ray.io/node-id": node.node_id}])
         key = (q.eval_id, q.shard_id)
-        self.running[key] = Running(q.eval_id, q.shard_id, q.owner, q.demand, node.node_id, pg, shard.attempt,
-                                    since=time.monotonic())
+        entry = self.running[key] = Running(q.eval_id, q.shard_id, q.owner, q.demand, node.node_id, pg,
+                                            shard.attempt, since=time.monotonic())
         try:
-            await asyncio.wait_for(pg.ready(), 30)
+            await asyncio.wait_for(pg.ready(), PLACEMENT_TIMEOUT_S)
         except (asyncio.TimeoutError, Exception) as exc:  # Ray could not place it after all
+            if self.running.get(key) is not entry:
+                return  # reconciliation took it over meanwhile (and removed the group)
             log.warning("placement of %s/%s failed: %s; re-queued", q.eval_id, q.shard_id, exc)
             remove_placement_group(pg)
             self.running.pop(key, None)
             self.queue.push(q)
             return
+        if self.running.get(key) is not entry:
+            return  # reconciliation took it over while it was placed (it removed the group, re-queued it)
         if not self.store.transition_shard(q.eval_id, q.shard_id, "scheduled", expect="queued",
                                            placement=node.node_id):
             remove_placement_group(pg)
             self.running.pop(key, None)
             return
         self.admitted_total += 1
-        ev = self.store.get_evaluation(q.eval_id)
         if self.store.transition_evaluation(q.eval_id, "scheduled", expect="queued"):
             self._publish([{"type": "status", "eval_id": q.eval_id, "status": "scheduled"}])
         supervisor = self._pick_supervisor()
@@ -272,8 +298,8 @@ class Scheduler:
             await asyncio.wait_for(self._actor(supervisor).run_shard.remote(q.eval_id, q.shard_id, shard.attempt), 60)
         except Exception as exc:  # the supervisor is gone: reconciliation retries the shard
             log.warning("supervisor %s did not take %s/%s: %s", supervisor, q.eval_id, q.shard_id, exc)
-        if key in self.running:
-            self.running[key].since = time.monotonic()
+        if self.running.get(key) is entry:
+            entry.since = time.monotonic()
         self._publish([{"type": "shard", "eval_id": q.eval_id, "shard_id": q.shard_id, "status": "scheduled",
                         "node": node.node_id, "demand": q.demand.describe(), "supervisor": supervisor}])
 
@@ -421,7 +447,10 @@ class Scheduler:
                 return  # a supervisor is restarting; look again on the next round
         now = time.monotonic()
         for key, r in list(self.running.items()):
-            if key in live or now - r.since < RECONCILE_S * 3:
+            # a shard still being placed (no supervisor yet) is its `_start_shard`'s to retry;
+            # it is reclaimed here only if that task died (well after the placement timeout)
+            grace = RECONCILE_S * 3 if r.supervisor else PLACEMENT_TIMEOUT_S + RECONCILE_S * 3
+            if key in live or now - r.since < grace:
                 continue
             shard = next((s for s in self.store.shards(r.eval_id) if s.shard_id == r.shard_id), None)
             if shard is None or shard.status in TERMINAL or shard.status == "queued":

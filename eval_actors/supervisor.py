@@ -38,6 +38,7 @@ log = logging.getLogger("proctor.supervisor")
 
 PROGRESS_EVERY_S = 0.25
 STREAM_EVERY_S = 1.0
+HANDLE_TTL_S = 1.0  # a named actor's handle is looked up again after this (a replaced actor is found)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000)
@@ -55,12 +56,20 @@ class Supervisor:
         self.gateway = OpenAIGateway(secret=settings.secret)
         self.tasks: dict[tuple[str, str], tuple[asyncio.Task[None], StopSignal]] = {}
         self.samples: dict[str, dict[str, Sample]] = {}
+        self._handles: dict[str, tuple[Any, float]] = {}
         self.killed_leftovers = self._kill_leftovers()
 
     # ------------------------------------------------------------ handles
 
     def _actor(self, role: str) -> Any:
-        return ray.get_actor(self.names[role], namespace=self.settings.ray_namespace)
+        # `ray.get_actor` is a blocking GCS round trip (~0.3-0.5 ms): keep handles briefly
+        now = time.monotonic()
+        hit = self._handles.get(role)
+        if hit is not None and now - hit[1] < HANDLE_TTL_S:
+            return hit[0]
+        handle = ray.get_actor(self.names[role], namespace=self.settings.ray_namespace)
+        self._handles[role] = (handle, now)
+        return handle
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
         try:
@@ -75,7 +84,7 @@ class Supervisor:
         killed = 0
         state = self.workdir / "gvisor" / "runsc-state"
         if state.is_dir() and shutil.which("runsc"):
-            out = subprocess.run(["runsc", "--root", str(state), "list", "-q"], capture_output=True, text=True)
+            out = subprocess.run(["runsc", "--root", str(state), "list", "--quiet"], capture_output=True, text=True)
             for sid in out.stdout.split():
                 for ctrl in ("pids", "memory", "unified"):
                     d = Path("/sys/fs/cgroup", ctrl, PARENT, sid)

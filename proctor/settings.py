@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     state_url: str | None = Field(None, description="SQLAlchemy URL of the state store; SQLite in <home> if unset")
     ray_address: str | None = Field(None, description="Ray cluster to join; a local one is started if unset")
     ray_namespace: str = "proctor"
+    api_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API on 127.0.0.1 (proctor up)")
+    config_dir: Path = Field(default_factory=lambda: Path.home() / ".config" / "proctor",
+                             description="where the CLI and client find the local token")
     supervisors: int = Field(2, ge=1, le=1024, description="supervisor actors, each running many shards")
     s3_endpoint_url: str | None = Field(None, description="endpoint of an S3-compatible store")
     s3_region: str = "us-east-1"
@@ -41,6 +44,14 @@ class Settings(BaseSettings):
     @property
     def sandbox_dir(self) -> Path:
         return self.home / "sandboxes"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.config_dir / "token"
 
     @property
     def state(self) -> str:

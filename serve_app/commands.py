@@ -52,6 +52,8 @@ def _up(args: argparse.Namespace) -> int:
         print_json(info)
     else:
         print("Proctor is up.")
+        print(f"  API             {info['api']}  (docs: {info['docs']})")
+        print(f"  admin token     {info['token_file']}")
         print(f"  Ray dashboard   {info['dashboard']}")
         print(f"  Ray address     {info['address']}  (token: {info['ray_token_file']})")
         print(f"  state           {info['state']}")

@@ -44,9 +44,15 @@ def _state_file(settings: Settings) -> Path:
 
 
 def cluster_running() -> bool:
+    """Whether our Ray head answers on its port (a stale address file elsewhere is ignored)."""
     ray_token_auth()
-    result = subprocess.run([ray_bin(), "status"], capture_output=True, text=True, timeout=60)
-    return result.returncode == 0
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", RAY_PORT), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def start_ray(settings: Settings) -> dict[str, Any]:
@@ -75,9 +81,39 @@ def up(settings: Settings) -> dict[str, Any]:
     ray.init(address=info["address"], namespace=settings.ray_namespace, logging_level="ERROR",
              log_to_driver=False)
     control_plane.start(settings)
+    from ray import serve
+
+    from .deployment import APP_NAME, deployment
+
+    serve.start(http_options={"host": "127.0.0.1", "port": settings.api_port})
+    serve.run(deployment(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    info["api"] = settings.api_url
+    info["docs"] = f"{settings.api_url}/docs"
+    info["token_file"] = str(ensure_admin_token(settings))
     info.update({"state": settings.state, "results": settings.results, "started_at": time.time()})
     _state_file(settings).write_text(json.dumps(info, indent=2))
     return info
+
+
+def ensure_admin_token(settings: Settings) -> Path:
+    """On first start, an admin user and key, stored 0600 where the CLI and client look."""
+    from cluster.state import StateStore
+
+    path = settings.token_file
+    store = StateStore(settings.state)
+    try:
+        if path.exists() and store.verify_token(path.read_text().strip()) is not None:
+            return path
+        if store.get_user("admin") is None:
+            store.create_user("admin", "admin")
+        secret, _ = store.create_token("admin", "local admin (proctor up)")
+    finally:
+        store.close()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return path
 
 
 def down(settings: Settings) -> list[str]:
@@ -89,7 +125,14 @@ def down(settings: Settings) -> list[str]:
     if cluster_running():
         ray.init(address=f"127.0.0.1:{RAY_PORT}", namespace=settings.ray_namespace, logging_level="ERROR",
                  log_to_driver=False)
-        stopped = control_plane.stop(settings)
+        from ray import serve
+
+        try:
+            serve.shutdown()
+            stopped.append("serve")
+        except Exception:  # Serve was not running
+            pass
+        stopped += control_plane.stop(settings)
         ray.shutdown()
         subprocess.run([ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
         stopped.append("ray")

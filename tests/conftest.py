@@ -67,3 +67,39 @@ def postgres_url():  # noqa: ANN201 - Iterator[str]
         yield url
     finally:
         server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - Iterator[ControlPlane]
+    """The session's one Ray cluster (tests/raycluster.py) with the control plane on it."""
+    import ray
+
+    from eval_actors import control_plane
+    from raycluster import RUNTIMES, cluster_settings, start_cluster
+
+    home = sandbox_root / "control-plane"
+    home.mkdir(parents=True, exist_ok=True)
+    results = tmp_path_factory.mktemp("cp-results")
+    cluster = start_cluster(dashboard_port=_free_port())
+    ray.init(address=cluster.address, namespace="proctor-test", logging_level="ERROR", log_to_driver=False)
+    settings = cluster_settings(home, results.as_uri(), f"sqlite:///{home}/state.db")
+    try:
+        yield control_plane.start(settings, runtime_factory=RUNTIMES)
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        control_plane.stop(settings)
+        ray.shutdown()
+        cluster.shutdown()

@@ -21,35 +21,11 @@ from eval_actors import control_plane
 from eval_actors.control_plane import AGGREGATOR, SCHEDULER, ControlPlane, supervisor_names
 from proctor.spec import load_spec
 
-from raycluster import NODES, RUNTIMES, cluster_settings, start_cluster
+from raycluster import NODES
 
 pytestmark = pytest.mark.ray
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GPUS = {"H100": NODES["h100"]["num_gpus"], "A100": NODES["a100"]["num_gpus"]}
-
-
-@pytest.fixture(scope="module")
-def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    home = sandbox_root / "control-plane"
-    results = tmp_path_factory.mktemp("cp-results")
-    cluster = start_cluster(dashboard_port=_free_port())
-    ray.init(address=cluster.address, namespace="proctor-test", logging_level="ERROR", log_to_driver=False)
-    settings = cluster_settings(home, results.as_uri(), f"sqlite:///{home}/state.db")
-    home.mkdir(parents=True, exist_ok=True)
-    try:
-        yield control_plane.start(settings, runtime_factory=RUNTIMES)
-    finally:
-        control_plane.stop(settings)
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gpu_spec(name: str, gpus: int, gpu_type: str, samples: int = 2, seconds: float = 0.3,
@@ -186,7 +162,7 @@ def _slow_spec(name: str, samples: int = 6) -> dict[str, Any]:
 def _runsc_leftovers(home: Path) -> list[str]:
     found = []
     for state in home.glob("sandboxes/*/gvisor/runsc-state"):
-        out = subprocess.run(["runsc", "--root", str(state), "list", "-q"], capture_output=True, text=True)
+        out = subprocess.run(["runsc", "--root", str(state), "list", "--quiet"], capture_output=True, text=True, check=True)
         found += out.stdout.split()
     return found
 

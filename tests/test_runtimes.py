@@ -75,12 +75,12 @@ def probe(runtime: SandboxRuntime, workspace: Path, code: str, **limits: Any) ->
 
 
 def assert_nothing_left(runtime: SandboxRuntime, sid: str) -> None:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert sid not in ps, f"a process of sandbox {sid} is still running"
     if isinstance(runtime, GvisorRuntime):
         assert not (runtime.bundles / sid).exists()
-        listed = subprocess.run([runtime.runsc, "--root", str(runtime.state), "list", "-q"],
-                                capture_output=True, text=True).stdout
+        listed = subprocess.run([runtime.runsc, "--root", str(runtime.state), "list", "--quiet"],
+                                capture_output=True, text=True, check=True).stdout
         assert sid not in listed
     else:
         assert not (runtime.bundles / sid).exists()

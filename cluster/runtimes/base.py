@@ -249,11 +249,11 @@ class ProcessSandbox(Sandbox):
             self._reason, self._detail = reason, detail
         if self.proc is None or self.proc.returncode is not None:
             return
+        await self.force_kill()  # first: it may need the process tree intact
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        await self.force_kill()
 
     async def wait(self) -> SandboxExit:
         if self._exit is not None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ class GvisorSandbox(ProcessSandbox):
         super().__init__(request)
         self.rt = runtime
         self.bundle = runtime.bundles / request.sandbox_id
+        self._tree: set[int] = set()
 
     def _runsc(self, *args: str) -> list[str]:
         return [self.rt.runsc, "--root", str(self.rt.state), *args]
@@ -132,11 +135,16 @@ class GvisorSandbox(ProcessSandbox):
     async def force_kill(self) -> None:
         """SIGKILL every host process in the sandbox's cgroup (the sentry, its stubs and
         the gofer): immediate, unlike a round trip through `runsc kill`."""
+        if self.proc is not None:
+            self._tree |= _descendants(self.proc.pid)
+        for pid in self._tree:  # the gofer and the sentry may sit outside the cgroup
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         cgroup = self._cgroup()
         if cgroup.pids():
             cgroup.kill_all(timeout=2.0)
-        elif self.proc is not None and self.proc.returncode is None:
-            await _quiet(self._runsc("kill", "--all", self.id, "KILL"))
 
     def exit_reason_hint(self, returncode: int | None) -> tuple[ExitReason, str] | None:
         tail = b"".join(self._stderr).decode("utf-8", "replace")
@@ -200,6 +208,28 @@ class GvisorRuntime(SandboxRuntime):
             return [c["id"] for c in json.loads(out or "[]") or []]
         except (ValueError, TypeError, KeyError):
             return []
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below `root`, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 async def _quiet(argv: list[str]) -> int:

@@ -1,0 +1,164 @@
+"""The HTTP API served by Ray Serve on the session's Ray cluster, with real tokens."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from ray import serve
+
+from cluster.state import StateStore
+from serve_app.deployment import APP_NAME, deployment
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def api(plane: Any) -> Any:
+    from conftest import _free_port
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(deployment(plane.settings), name=APP_NAME, route_prefix="/")
+    store = StateStore(plane.settings.state)
+    tokens = {}
+    for name, role in [("vera", "viewer"), ("rita", "researcher"), ("rob", "researcher"), ("sam", "safety"),
+                       ("ada", "admin")]:
+        if store.get_user(name) is None:
+            store.create_user(name, role)
+        tokens[name] = store.create_token(name, "test")[0]
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    yield client, tokens, store
+    client.close()
+    serve.delete(APP_NAME)
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def spec(name: str = "api", samples: int = 2, **sandbox: Any) -> dict[str, Any]:
+    return {"name": name, "model": {"adapter": "reference"},
+            "dataset": {"samples": [{"id": str(i), "input": f"{i}?", "target": str(i)} for i in range(samples)]},
+            "scorers": [{"type": "exact"}], "sandbox": {"runtime": "gvisor", "memory": "256Mi", **sandbox}}
+
+
+def wait_final(client: httpx.Client, token: str, eval_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = client.get(f"/api/v1/evaluations/{eval_id}", headers=auth(token)).json()
+        if ev["status"] in ("succeeded", "failed", "cancelled", "safety_stopped"):
+            return ev
+        assert time.monotonic() < deadline, ev
+        time.sleep(0.3)
+
+
+def test_health_and_docs_need_no_token(api: Any) -> None:
+    client, _, _ = api
+    health = client.get("/api/v1/health").json()
+    assert health["ready"] is True and health["checks"] == {"store": "ok", "control_plane": "ok"}
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/v1/evaluations", "/api/v1/evaluations/{eval_id}", "/api/v1/evaluations/{eval_id}/stop",
+            "/api/v1/stop-all", "/api/v1/cluster", "/api/v1/health"} <= set(paths)
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Basic abc", "Bearer pk_not-a-real-token"])
+def test_missing_or_bad_tokens_are_refused(api: Any, header: str | None) -> None:
+    client, _, _ = api
+    r = client.get("/api/v1/evaluations", headers={"Authorization": header} if header else {})
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthenticated"
+
+
+def test_revoked_key_is_refused(api: Any) -> None:
+    client, _, store = api
+    secret, token = store.create_token("rita", "to revoke")
+    assert client.get("/api/v1/evaluations", headers=auth(secret)).status_code == 200
+    store.revoke_token(token.id)
+    assert client.get("/api/v1/evaluations", headers=auth(secret)).status_code == 401
+
+
+def test_viewer_cannot_submit(api: Any) -> None:
+    client, tokens, _ = api
+    r = client.post("/api/v1/evaluations", json=spec(), headers=auth(tokens["vera"]))
+    assert r.status_code == 403 and "researcher role" in r.json()["error"]["message"]
+
+
+def test_invalid_spec_is_422_naming_fields_and_stores_nothing(api: Any) -> None:
+    client, tokens, store = api
+    before = len(store.list_evaluations(limit=500)[0])
+    bad = spec(memroy="1Gi")
+    bad["epochs"] = 0
+    r = client.post("/api/v1/evaluations", json=bad, headers=auth(tokens["rita"]))
+    assert r.status_code == 422
+    fields = {f["field"] for f in r.json()["error"]["fields"]}
+    assert {"sandbox.memroy", "epochs"} <= fields
+    assert len(store.list_evaluations(limit=500)[0]) == before
+
+
+def test_submit_get_list_and_results(api: Any) -> None:
+    client, tokens, _ = api
+    r = client.post("/api/v1/evaluations", json=spec("api-results", samples=3), headers=auth(tokens["rita"]))
+    assert r.status_code == 202
+    eval_id = r.json()["id"]
+    ev = wait_final(client, tokens["rita"], eval_id)
+    assert ev["status"] == "succeeded" and ev["owner"] == "rita"
+    res = client.get(f"/api/v1/evaluations/{eval_id}/results", headers=auth(tokens["rita"])).json()
+    assert res["total"] == 3 and len(res["rows"]) == 3 and res["summary"]["metrics"]["exact"]["mean"] == 1.0
+    listed = client.get("/api/v1/evaluations", params={"status": "succeeded", "text": "api-results"},
+                        headers=auth(tokens["vera"])).json()
+    assert eval_id in [e["id"] for e in listed["items"]]
+
+
+def test_researchers_see_and_stop_only_their_own(api: Any) -> None:
+    client, tokens, _ = api
+    eval_id = client.post("/api/v1/evaluations", json=spec("rita-own"), headers=auth(tokens["rita"])).json()["id"]
+    assert client.get(f"/api/v1/evaluations/{eval_id}", headers=auth(tokens["rob"])).status_code == 404
+    assert client.post(f"/api/v1/evaluations/{eval_id}/stop", headers=auth(tokens["rob"])).status_code == 404
+    assert client.post(f"/api/v1/evaluations/{eval_id}/stop", headers=auth(tokens["vera"])).status_code == 403
+    robs = client.get("/api/v1/evaluations", params={"owner": "rita"}, headers=auth(tokens["rob"])).json()
+    assert robs["items"] == []
+    assert client.post("/api/v1/stop-all", headers=auth(tokens["sam"])).status_code == 403
+    wait_final(client, tokens["rita"], eval_id)
+
+
+def _runsc_sandboxes(home: Path) -> list[str]:
+    found = []
+    for state in home.glob("sandboxes/*/gvisor/runsc-state"):
+        found += subprocess.run(["runsc", "--root", str(state), "list", "--quiet"], capture_output=True,
+                                text=True, check=True).stdout.split()
+    return found
+
+
+def test_emergency_stop_kills_the_sandbox_within_a_second(api: Any, plane: Any) -> None:
+    client, tokens, store = api
+    slow = spec("to-stop", samples=1, timeout_s=300,
+                files={"policy.py": "import time\ndef answer(messages, **kw):\n    time.sleep(300)\n"})
+    slow["model"] = {"adapter": "python", "callable": "policy:answer"}
+    eval_id = client.post("/api/v1/evaluations", json=slow, headers=auth(tokens["rita"])).json()["id"]
+    deadline = time.monotonic() + 60
+    while not [s for s in store.shards(eval_id) if s.status == "running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)
+    (sandbox_id,) = [s.sandbox_id for s in store.shards(eval_id)]
+    assert sandbox_id in _runsc_sandboxes(plane.settings.home)
+    assert sandbox_id in subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+    r = client.post(f"/api/v1/evaluations/{eval_id}/stop", headers=auth(tokens["sam"]))
+    answered = time.monotonic()
+    assert r.status_code == 200 and r.json()["stopped"] is True
+    gone_at = None
+    while time.monotonic() - answered < 5:
+        ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+        if sandbox_id not in ps:
+            gone_at = time.monotonic()
+            break
+        time.sleep(0.02)
+    assert gone_at is not None and gone_at - answered < 1.0, "the sandbox outlived the stop by a second"
+    assert wait_final(client, tokens["sam"], eval_id)["status"] == "cancelled"
+    assert sandbox_id not in _runsc_sandboxes(plane.settings.home)
