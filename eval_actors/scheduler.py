@@ -90,6 +90,7 @@ class Scheduler:
         self._starting: asyncio.Task[Any] | None = None
         self._starts: set[asyncio.Task[None]] = set()
         self.finishing: set[str] = set()
+        self.orphans: dict[tuple[str, str], float] = {}
         self._handles: dict[str, tuple[Any, float]] = {}
         # an async actor's __init__ runs on its event loop: start (and recover) at once,
         # also after Ray restarts this actor
@@ -446,6 +447,18 @@ class Scheduler:
             except Exception:
                 return  # a supervisor is restarting; look again on the next round
         now = time.monotonic()
+        for shard in self.store.shards_by_status(("scheduled", "running")):
+            key = (shard.eval_id, shard.shard_id)
+            if key in self.running or key in live or key in self.queue:
+                continue
+            # in the store as running, but no placement here and no supervisor has it
+            self.orphans.setdefault(key, now)
+            if now - self.orphans[key] > RECONCILE_S * 3:
+                self.orphans.pop(key, None)
+                ev = self.store.get_evaluation(shard.eval_id)
+                if ev is not None:
+                    self._retry_or_fail(ev, shard, "no supervisor runs it")
+                    await self._maybe_finish(shard.eval_id)
         for key, r in list(self.running.items()):
             # a shard still being placed (no supervisor yet) is its `_start_shard`'s to retry;
             # it is reclaimed here only if that task died (well after the placement timeout)

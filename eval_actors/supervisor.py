@@ -81,12 +81,19 @@ class Supervisor:
 
     def _kill_leftovers(self) -> int:
         """Kill and remove sandboxes a previous life of this supervisor left running."""
+        try:
+            return self._kill_leftovers_once()
+        except Exception:  # never keep a supervisor from starting; the scheduler retries its shards
+            log.exception("supervisor %s: could not clean up after its previous life", self.name)
+            return -1
+
+    def _kill_leftovers_once(self) -> int:
         killed = 0
         state = self.workdir / "gvisor" / "runsc-state"
         if state.is_dir() and shutil.which("runsc"):
             out = subprocess.run(["runsc", "--root", str(state), "list", "--quiet"], capture_output=True, text=True)
             for sid in out.stdout.split():
-                for ctrl in ("pids", "memory", "unified"):
+                for ctrl in ("pids", "unified"):
                     d = Path("/sys/fs/cgroup", ctrl, PARENT, sid)
                     if d.is_dir():
                         CgroupSet(2 if ctrl == "unified" else 1, {ctrl: d}).kill_all(timeout=2)
