@@ -253,7 +253,7 @@ def latency_process(address: str, namespace: str, conn: Any) -> None:
     ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
     bus = ray.get_actor(BUS, namespace=namespace)
     base = []
-    for _ in range(50):  # baseline: an idle bus's publish -> read round trip
+    for _ in range(200):  # baseline: an idle bus's publish -> read round trip
         t = time.time()
         seq = ray.get(bus.publish.remote([{"type": "progress", "eval_id": None, "probe": True, "ts": t}]))
         ray.get(bus.read.remote(seq - 1, None, 0.0, 10, ("progress",)))

@@ -98,7 +98,11 @@ class ControlPlane:
                 return ev
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{eval_id} is still {ev.status if ev else 'unknown'} after {timeout}s")
-            got = ray.get(self.bus.read.remote(after, eval_id, 1.0, 1000, ("progress", "status")))
+            try:
+                got = ray.get(self.bus.read.remote(after, eval_id, 1.0, 1000, ("progress", "status")))
+            except (ray.exceptions.RayActorError, ValueError):  # the bus is gone or restarting:
+                time.sleep(0.5)  # the store is the source of truth; keep polling it
+                continue
             after = got["last_seq"]
             if on_progress is not None and ev is not None:
                 on_progress(ev, got["events"])

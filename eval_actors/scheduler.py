@@ -324,6 +324,7 @@ class Scheduler:
             if ev is not None:  # a retry the supervisor asked for
                 self.queue.push(QueuedShard(eval_id, shard_id, ev.owner, ev.priority,
                                             Demand.from_resources(shard.resources), shard.attempt))
+        self.wake.set()  # its capacity is free now: admit at once, not after the evaluation is finalised
         await self._maybe_finish(eval_id)
         self.wake.set()
 
