@@ -171,6 +171,7 @@ class Watcher(threading.Thread):
         self.cpu_start = procs.cpu()
         self.cpu_ramp: dict[str, float] = {}
         self.mem_held: dict[str, int] = {}
+        self.history: list[tuple[float, int]] = []  # (t, running) every 10 s
 
     def run(self) -> None:
         store = self.plane.store()
@@ -205,6 +206,7 @@ class Watcher(threading.Thread):
                         self.mem_held = mem
                     if now - last_print >= 10.0:
                         last_print = now
+                        self.history.append((now, running))
                         print(f"  t={now:6.1f}s  shards: queued {shards['queued']:6d} scheduled {shards['scheduled']:6d} "
                               f"running {running:6d} done {sum(shards[s] for s in control_plane.TERMINAL):6d}  "
                               f"evaluations done {done:6d}  control-plane RSS {mem['plane'] / 2**20:7.0f} MiB  "
@@ -308,8 +310,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100, help="submissions per ray.get")
     ap.add_argument("--owners", type=int, default=10, help="distinct users the evaluations belong to")
     ap.add_argument("--supervisors", type=int, default=2)
+    ap.add_argument("--ramp-timeout", type=float, default=None,
+                    help="seconds to wait, after the last submission, for all K to run (default: --sim-seconds)")
     ap.add_argument("--drain-timeout", type=float, default=600.0,
-                    help="seconds to wait, after the simulated time, for all evaluations to be finalised")
+                    help="seconds to wait, after the simulated time, for all evaluations to be finalised "
+                         "(only when all K ran)")
     args = ap.parse_args()
     k = args.evals
     sim = args.sim_seconds if args.sim_seconds is not None else (60.0 if k <= 2000 else 120.0)
@@ -356,7 +361,7 @@ def main() -> None:
         submitted = time.monotonic() - t0
         print(f"  submitted {len(ids)} in {submitted:.1f} s", flush=True)
         # until all run, or until the first would have finished anyway
-        deadline = t0 + submitted + sim + 60
+        deadline = t0 + submitted + (args.ramp_timeout if args.ramp_timeout is not None else sim)
         while watcher.all_running_at is None and time.monotonic() < deadline:
             if time.monotonic() - t0 - watcher.changed_at > STALL_S:
                 print(f"  nothing changed in the store for {STALL_S:.0f} s: stopped waiting", flush=True)
@@ -365,7 +370,8 @@ def main() -> None:
         if not watcher.cpu_ramp:
             watcher.cpu_ramp = procs.cpu()
         started = time.monotonic()
-        while watcher.terminal_at is None and time.monotonic() - started < sim + args.drain_timeout:
+        drain_until = t0 + (watcher.all_running_at or 0.0) + sim + args.drain_timeout
+        while watcher.all_running_at is not None and watcher.terminal_at is None and time.monotonic() < drain_until:
             if time.monotonic() - t0 - watcher.changed_at > STALL_S:
                 print(f"  nothing changed in the store for {STALL_S:.0f} s: stopped waiting", flush=True)
                 break
@@ -399,8 +405,10 @@ def main() -> None:
               + (f", for {until - watcher.all_running_at:.1f} s" if until else "")
               + f"  (admission {k / watcher.all_running_at:.1f} shards/s overall)")
     else:
-        print(f"all {k} running at once: NEVER; at most {watcher.peak_running[0]} running "
+        print(f"all {k} running at once: NOT within {ramp_end:.0f} s; at most {watcher.peak_running[0]} running "
               f"(at {watcher.peak_running[1]:.1f} s)")
+        for t_, n_ in watcher.history[::max(1, len(watcher.history) // 12)]:
+            print(f"    t={t_:6.1f} s  running {n_}")
     print(f"control-plane actors' RSS (scheduler + aggregator + bus + {args.supervisors} supervisors):")
     print(f"  idle before submitting {mib(idle['plane'])}   with all {k} running "
           f"{mib(held['plane']) if held else '   n/a'}   peak (drain included) {mib(peak.get('plane', 0))}"

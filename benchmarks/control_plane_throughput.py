@@ -106,6 +106,34 @@ def run_control_plane(plane: control_plane.ControlPlane, n: int,
     return took, makespan, statuses, {p: statistics.median(v) for p, v in steps.items() if v}
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def ray_cpu() -> dict[str, float]:
+    """CPU seconds so far of this Ray instance's own processes, by kind: the GCS, the raylet,
+    the processes the raylet started (the control plane's actors, task workers, agents; not
+    the sandboxes under them), and this driver. Processes that ended are not counted."""
+    node = ray._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    under = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == raylet:
+                        under.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return {"gcs": cpu_seconds(node.all_processes["gcs_server"][0].process.pid), "raylet": cpu_seconds(raylet),
+            "actors+workers": sum(cpu_seconds(p) for p in under), "driver": cpu_seconds(os.getpid())}
+
+
 def check(statuses: list[str], what: str) -> None:
     bad = [s for s in statuses if s != "succeeded"]
     if bad:
@@ -134,6 +162,8 @@ def main() -> None:
     cp_times: list[float] = []
     cp_makespans: list[float] = []
     phases: list[dict[str, float]] = []
+    cpu_cp: list[dict[str, float]] = []
+    cpu_direct: list[dict[str, float]] = []
     try:
         plane = control_plane.start(settings)
         concurrency = int(ray.cluster_resources()["CPU"])  # 1-CPU shards: the plane admits this many
@@ -141,11 +171,17 @@ def main() -> None:
         check(asyncio.run(run_direct(1, 1, settings, runtime, direct_dir / "sandboxes", "warm"))[1], "direct warm-up")
         check(run_control_plane(plane, 2, "warm")[2], "control-plane warm-up")
         for r in range(args.repeats):
+            before = ray_cpu()
             took, statuses = asyncio.run(run_direct(args.evals, concurrency, settings, runtime,
                                                     direct_dir / "sandboxes", str(r)))
+            after = ray_cpu()
+            cpu_direct.append({k: after[k] - before[k] for k in after})
             check(statuses, "direct")
             direct_times.append(took)
+            before = ray_cpu()
             took, makespan, statuses, steps = run_control_plane(plane, args.evals, str(r))
+            after = ray_cpu()
+            cpu_cp.append({k: after[k] - before[k] for k in after})
             check(statuses, "control plane")
             cp_times.append(took)
             cp_makespans.append(makespan)
@@ -165,6 +201,11 @@ def main() -> None:
     print(f"control plane  submit + wait (store, scheduler, supervisors, Parquet):  "
           f"{c:7.2f} s  {n / c:6.2f} evaluations/s   (store makespan {m:.2f} s: {n / m:.2f}/s)")
     print(f"ratio control_plane/direct: {(n / c) / (n / d):.2f}  (goal >= 0.8)")
+    n_ = args.evals * len(cpu_cp)
+    print("CPU seconds per evaluation of Ray's and the control plane's own processes (sandboxes not counted): "
+          "control plane " + ", ".join(f"{k} {sum(c[k] for c in cpu_cp) / n_:.3f}" for k in cpu_cp[0])
+          + f" = {sum(sum(c.values()) for c in cpu_cp) / n_:.3f};  while the direct side ran (idle plane): "
+          + f"{sum(sum(c.values()) for c in cpu_direct) / n_:.3f}")
     print("control plane, median per evaluation (state store timestamps): " + ", ".join(
         f"{p} {statistics.median(s[p] for s in phases if p in s):.3f} s" for p in PHASES))
     if args.repeats > 1:

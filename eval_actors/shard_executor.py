@@ -46,6 +46,10 @@ class StopSignal(asyncio.Event):
     hard: bool = False
     reason: str = "cancelled"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.killed = asyncio.Event()  # set once a hard stop's sandbox is dead
+
     def stop(self, hard: bool = False, reason: str = "cancelled") -> None:
         self.hard = self.hard or hard
         self.reason = reason
@@ -186,6 +190,11 @@ class ShardExecutor:
         await cancel.wait()
         if getattr(cancel, "hard", False):
             await sandbox.kill("killed", getattr(cancel, "reason", "emergency stop"))
+            try:
+                await asyncio.wait_for(sandbox.wait(), 5)
+            finally:
+                if isinstance(cancel, StopSignal):
+                    cancel.killed.set()
             return
         await sandbox.send(encode(Cancel(reason="cancelled by the platform")))
         await asyncio.sleep(CANCEL_GRACE_S)

@@ -136,7 +136,13 @@ class Supervisor:
         entry = self.tasks.get((eval_id, shard_id))
         if entry is None:
             return False
-        entry[1].stop(hard=hard, reason="emergency stop" if hard else "cancelled")
+        stop = entry[1]
+        stop.stop(hard=hard, reason="emergency stop" if hard else "cancelled")
+        if hard:  # answer only once the sandbox is dead: the emergency stop's promise
+            try:
+                await asyncio.wait_for(stop.killed.wait(), 10)
+            except asyncio.TimeoutError:
+                log.error("emergency stop of %s/%s: the sandbox was not dead after 10 s", eval_id, shard_id)
         return True
 
     async def info(self) -> dict[str, Any]:
