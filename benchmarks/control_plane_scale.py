@@ -1,44 +1,47 @@
 """Control-plane scale: K evaluations held running at once, with the SIMULATED sandbox runtime.
 
-The sandboxes are a TEST DOUBLE (`cluster.runtimes.simulated`): no process per
-sandbox, only the runner protocol spoken inside the supervisor, so 10,000 of them fit
-on a small machine. Everything else is the real control plane: the scheduler (spec
-validation, state store, one Ray placement group per shard), the supervisors, the
+The sandboxes are a TEST DOUBLE (`cluster.runtimes.simulated`): no process per sandbox,
+only the runner protocol spoken inside the supervisor, so that 10,000 of them fit on a
+small machine. Everything else is the real control plane: the scheduler (spec
+validation, SQLite state store, one Ray placement group per shard), the supervisors, the
 aggregator (Parquet parts, compaction, summary) and the event bus, on a local Ray
-instance whose declared CPUs and memory are sized so that all K shards fit at once
-(each asks 0.001 CPU and 64Mi; Ray gets `ceil(K * 0.001) + 1` logical CPUs and
-`K * 64Mi + 1Gi` of logical memory).
+cluster (`ray.cluster_utils.Cluster`, --nodes raylets on this machine) whose declared
+CPUs and memory let all K shards fit at once: each shard asks 0.001 CPU and 64Mi, each
+node declares `ceil(K / nodes * 0.001) + 1` CPUs and `K / nodes * 64Mi + 1Gi` of memory.
 
-Each evaluation: one sample whose simulated run takes `--sim-seconds` (default 60 s, or
-120 s above 2,000 evaluations), so that all K run at the same time, then they end.
+Each evaluation has one sample whose simulated run takes --sim-seconds (default 60, or
+120 above 2,000 evaluations; it must outlast the ramp, so that all K run at the same
+time), then they all end and are finalised.
 
-Measured (from the driver, in the same run):
+Measured in the same run:
   submit rate      K submissions from --submitters threads, each sending batches of
                    --batch `Scheduler.submit` calls and `ray.get`-ing each batch;
-  all running      the time from the first submission until the state store shows all K
-                   shards `running` (polled every 0.5 s; count of shards in 'running');
-  memory           peak resident memory (VmRSS from /proc, sampled every second) of the
-                   control plane's actor processes (scheduler, aggregator, event bus,
-                   supervisors; the simulated sandboxes live inside the supervisors),
-                   and separately the GCS server, the raylet, and the other Ray worker
-                   processes (placement-group readiness checks, Parquet-writing tasks);
-  CPU              CPU seconds each process used until all K ran (from /proc), which
-                   shows what the ramp waits for;
-  event latency    measured in a second driver process (apart from the busy submitting
-                   one, whose GIL would add to every figure): p50/p99/max of (a) every `progress` event the supervisors publish:
-                   from the bus appending it (its `ts`) to a subscriber's `read` returning
-                   it; (b) probe `progress` events the driver publishes 20
-                   times a second with `ts` = the moment of the `publish` call: from the
-                   call to a subscriber reading it (adds the bus actor's inbound queue);
-  drain            the time until all K evaluations are terminal (finalised: Parquet
-                   compacted and summary written), bounded by --drain-timeout.
+  all running      the time from the first submission until the state store counts all
+                   K shards `running` (polled every 0.5 s), and how long all K ran;
+  memory           resident memory (VmRSS from /proc) of the control plane's actor
+                   processes (scheduler, aggregator, event bus, supervisors; the simulated
+                   sandboxes live inside the supervisors) before submitting, when all K
+                   ran, and at peak (sampled every second, the drain included); the GCS,
+                   the raylets and the other processes under the raylets (Ray's agents,
+                   placement-group readiness and Parquet-writing task workers) apart;
+  CPU              the CPU seconds each process used until all K ran (from /proc): what
+                   the ramp waited for;
+  event latency    in a second driver process, apart from the busy submitting one (whose
+                   GIL would add to every figure): p50/p99/max of (a) every `progress`
+                   event the supervisors publish, from the bus appending it (its `ts`) to a
+                   subscriber's `read` returning it; (b) probe `progress` events published
+                   20 times a second with `ts` = the moment of the `publish` call, from that
+                   call to the subscriber reading it (the bus actor's inbound queue
+                   included); beside (c) the baseline: an idle bus's publish + read round
+                   trip, measured before submitting;
+  drain            when all K evaluations were finalised (Parquet compacted, summary
+                   written), waited for at most --drain-timeout after the simulated time.
 
-Baseline (printed beside the figures, measured in the same run): the same driver's
-idle bus round trip and the control plane's memory before any submission.
 Goal: K = 10,000 held at once with the control plane's actors under 4 GB.
 
     .venv/bin/python benchmarks/control_plane_scale.py [--evals 10000] [--sim-seconds S]
-        [--submitters 4] [--batch 100] [--supervisors 2] [--drain-timeout 600]
+        [--nodes 1] [--submitters 4] [--batch 100] [--owners 10] [--supervisors 2]
+        [--ramp-timeout S] [--drain-timeout 600]
 """
 
 from __future__ import annotations
