@@ -375,7 +375,9 @@ def main() -> None:
         started = time.monotonic()
         drain_until = t0 + (watcher.all_running_at or 0.0) + sim + args.drain_timeout
         while watcher.all_running_at is not None and watcher.terminal_at is None and time.monotonic() < drain_until:
-            if time.monotonic() - t0 - watcher.changed_at > STALL_S:
+            # while all hold, nothing changes: a stall counts only once they should be ending
+            ending = watcher.all_running_at + sim
+            if time.monotonic() - t0 - max(watcher.changed_at, ending) > STALL_S:
                 print(f"  nothing changed in the store for {STALL_S:.0f} s: stopped waiting", flush=True)
                 break
             time.sleep(1.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,9 @@ MAX_ADMITS_PER_TICK = 256
 # node holds (a few per second with thousands), so an unbounded burst would time out and churn
 MAX_PLACING = 32
 PLACEMENT_TIMEOUT_S = 30.0
+# Ray's own view of a removed placement group's resources lags ~0.1 s: a group created into them
+# sooner is placed only on Ray's next retry, a second later. Freed capacity is reused after this.
+RELEASE_S = 0.15
 HANDLE_TTL_S = 1.0  # a named actor's handle is looked up again after this (a replaced actor is found)
 
 
@@ -92,6 +96,7 @@ class Scheduler:
         self.finishing: set[str] = set()
         self.orphans: dict[tuple[str, str], float] = {}
         self._handles: dict[str, tuple[Any, float]] = {}
+        self.releasing: deque[tuple[float, str, Demand]] = deque()  # (removed at, node, demand)
         # an async actor's __init__ runs on its event loop: start (and recover) at once,
         # also after Ray restarts this actor
         self._starting = asyncio.get_event_loop().create_task(self.start())
@@ -207,6 +212,17 @@ class Scheduler:
                 by_id[r.node_id].take(r.demand)
         return nodes
 
+    def _released_view(self, nodes: list[Node]) -> dict[str, Node]:
+        """`nodes` less the capacity of placement groups removed under RELEASE_S ago."""
+        now = time.monotonic()
+        while self.releasing and now - self.releasing[0][0] >= RELEASE_S:
+            self.releasing.popleft()
+        view = {n.node_id: Node(n.node_id, n.cpus, n.memory, n.gpus, n.gpu_type, dict(n.used)) for n in nodes}
+        for _, node_id, demand in self.releasing:
+            if node_id in view:
+                view[node_id].take(demand)
+        return view
+
     async def _admit(self) -> None:
         if not len(self.queue):
             return
@@ -219,6 +235,7 @@ class Scheduler:
         if room <= 0:
             return  # the next tick looks again
         nodes = self._node_view()
+        released = self._released_view(nodes)
         blocked_types: set[str | None] = set()
         admits: list[tuple[QueuedShard, Node]] = []
         reasons: dict[str, str] = {}
@@ -243,6 +260,9 @@ class Scheduler:
                     blocked_types.add(d.gpu_type)
                 continue
             node.take(d)
+            if not released[node.node_id].fits(d):
+                continue  # its capacity was freed a moment ago: placed on the next tick (RELEASE_S)
+            released[node.node_id].take(d)
             admits.append((q, node))
         for q, node in admits:
             self.queue.remove(q.eval_id, q.shard_id)
@@ -318,6 +338,8 @@ class Scheduler:
         r = self.running.pop((eval_id, shard_id), None)
         if r is not None:
             remove_placement_group(r.pg)
+            self.releasing.append((time.monotonic(), r.node_id, r.demand))
+            asyncio.get_running_loop().call_later(RELEASE_S, self.wake.set)
         shard = next((s for s in self.store.shards(eval_id) if s.shard_id == shard_id), None)
         if shard is not None and shard.status == "queued" and eval_id not in self.cancelling:
             ev = self.store.get_evaluation(eval_id)
