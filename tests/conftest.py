@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cluster.runtimes import BubblewrapRuntime, GvisorRuntime, SandboxRuntime
+from ports import free_port
 
 
 @pytest.fixture(scope="session")
@@ -69,13 +70,6 @@ def postgres_url():  # noqa: ANN201 - Iterator[str]
         server.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - Iterator[ControlPlane]
@@ -88,7 +82,7 @@ def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa
     home = sandbox_root / "control-plane"
     home.mkdir(parents=True, exist_ok=True)
     results = tmp_path_factory.mktemp("cp-results")
-    cluster = start_cluster(dashboard_port=_free_port())
+    cluster = start_cluster(dashboard_port=free_port())
     ray.init(address=cluster.address, namespace="proctor-test", logging_level="ERROR", log_to_driver=False)
     settings = cluster_settings(home, results.as_uri(), f"sqlite:///{home}/state.db")
     try:

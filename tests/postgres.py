@@ -14,12 +14,12 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from glob import glob
 from pathlib import Path
+from ports import free_port
 
 INSTALL_HINT = ("PostgreSQL is not installed: no /usr/lib/postgresql/<version>/bin/initdb. The test "
                 "command installs it (apt-get install -y postgresql); install it the same way and rerun.")
@@ -37,11 +37,6 @@ def newest_bin_dir() -> Path:
     return max(found, key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.name)] or [0])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class PostgresServer:
     """`with PostgresServer() as url:` — a running server and a fresh database in it."""
@@ -50,7 +45,7 @@ class PostgresServer:
         self.bin = newest_bin_dir()
         self.database = database
         self.os_user = os_user
-        self.port = _free_port()
+        self.port = free_port()
         self.root: Path | None = None
 
     @property

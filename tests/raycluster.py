@@ -16,6 +16,7 @@ from typing import Any
 
 from cluster.runtimes.simulated import SimulateRemoteRuntimes
 from proctor.settings import Settings
+from ports import free_port
 
 NODES = {
     "head": {"num_cpus": 4},
@@ -24,24 +25,17 @@ NODES = {
 }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_cluster(dashboard_port: int | None = None) -> Any:
     from ray.cluster_utils import Cluster
 
-    head = dict(NODES["head"], dashboard_agent_listen_port=_free_port())
+    head = dict(NODES["head"], dashboard_agent_listen_port=free_port())
     if dashboard_port:
         head.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     cluster = Cluster(initialize_head=True, head_node_args=head)
     # free ports for every agent: another Ray on this machine must not take the job agent's
-    cluster.add_node(**NODES["h100"], dashboard_agent_listen_port=_free_port())
-    cluster.add_node(**NODES["a100"], dashboard_agent_listen_port=_free_port())
+    cluster.add_node(**NODES["h100"], dashboard_agent_listen_port=free_port())
+    cluster.add_node(**NODES["a100"], dashboard_agent_listen_port=free_port())
     cluster.wait_for_nodes()
     return cluster
 

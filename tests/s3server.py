@@ -7,7 +7,6 @@ subprocess on 127.0.0.1, with one bucket, and the `Settings` that point at it.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,17 +16,12 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from ports import free_port
 from proctor.settings import Settings
 
 ACCESS_KEY = "proctor-test-key"
 SECRET_KEY = "proctor-test-secret"
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MotoS3Server:

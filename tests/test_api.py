@@ -12,6 +12,7 @@ import pytest
 from ray import serve
 
 from cluster.state import StateStore
+from ports import free_port
 from serve_app.deployment import APP_NAME, deployment
 
 pytestmark = pytest.mark.ray
@@ -19,9 +20,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def api(plane: Any) -> Any:
-    from conftest import _free_port
-
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deployment(plane.settings), name=APP_NAME, route_prefix="/")
     store = StateStore(plane.settings.state)

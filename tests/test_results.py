@@ -164,7 +164,7 @@ def test_a_missing_bucket_is_a_storage_error_naming_the_uri(s3_settings: Setting
 
 
 def test_an_unreachable_endpoint_is_a_storage_error(s3_settings: Settings) -> None:
-    from s3server import free_port
+    from ports import free_port
 
     dead = s3_settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(StorageError, match="s3://"):
