@@ -2,11 +2,16 @@
 
 It splits each submitted evaluation into shards (stored), queues them (`shard_queue`),
 and on every tick admits, in queue order, the shards whose CPU, memory and GPUs fit on
-one node (`capacity`). Each admitted shard gets a Ray placement group pinned to its node,
-so Ray itself holds the reservation and can never oversubscribe a GPU; the scheduler's
-view of what is used is the set of its live placement groups, rebuilt from Ray's own
-placement-group table after a restart. A GPU demand that does not fit reserves its GPU
-type for the rest of the pass, so smaller shards cannot starve it by fragmentation.
+one node (`capacity`). A shard that asks for GPUs gets a Ray placement group pinned to its
+node, so Ray itself holds the GPU reservation and can never oversubscribe a GPU (nor give
+it to another Ray task); after a restart those groups are matched against Ray's own
+placement-group table. A CPU/memory-only shard gets no placement group: Ray places groups
+one at a time, more slowly the more a node holds (~8/s at 4,000), which would bound a
+cluster to a few thousand concurrent shards. Its CPU and memory are accounted from the
+shards the scheduler runs, which are rebuilt from the state store and the supervisors'
+live shards after a restart, so the accounting cannot outlive what really runs.
+A GPU demand that does not fit reserves its GPU type for the rest of the pass, so smaller
+shards cannot starve it by fragmentation.
 
 All durable state is in the state store: on start the scheduler re-queues what was
 queued and reconciles what was running with the supervisors (see `recover`).
@@ -44,11 +49,17 @@ MAX_ADMITS_PER_TICK = 256
 # placement groups being created at once: Ray places them one by one, more slowly the more a
 # node holds (a few per second with thousands), so an unbounded burst would time out and churn
 MAX_PLACING = 32
+MAX_HANDING_OVER = 1024  # shards admitted but not yet taken by a supervisor
 PLACEMENT_TIMEOUT_S = 30.0
 # Ray's own view of a removed placement group's resources lags ~0.1 s: a group created into them
 # sooner is placed only on Ray's next retry, a second later. Freed capacity is reused after this.
 RELEASE_S = 0.15
 HANDLE_TTL_S = 1.0  # a named actor's handle is looked up again after this (a replaced actor is found)
+
+
+def _remove(pg: Any) -> None:
+    if pg is not None:
+        remove_placement_group(pg)
 
 
 @dataclass
@@ -58,7 +69,7 @@ class Running:
     owner: str
     demand: Demand
     node_id: str
-    pg: Any
+    pg: Any  # the GPU shard's placement group; None for a CPU/memory-only shard
     attempt: int
     supervisor: str | None = None
     since: float = 0.0
@@ -227,11 +238,13 @@ class Scheduler:
         if not len(self.queue):
             return
         running_by_owner: dict[str, int] = {}
-        placing = 0
+        placing = handing_over = 0
         for r in self.running.values():
             running_by_owner[r.owner] = running_by_owner.get(r.owner, 0) + 1
-            placing += r.supervisor is None
-        room = min(MAX_ADMITS_PER_TICK, MAX_PLACING - placing)
+            handing_over += r.supervisor is None
+            placing += r.supervisor is None and r.pg is not None
+        room = min(MAX_ADMITS_PER_TICK, MAX_HANDING_OVER - handing_over)
+        gpu_room = MAX_PLACING - placing
         if room <= 0:
             return  # the next tick looks again
         nodes = self._node_view()
@@ -245,8 +258,11 @@ class Scheduler:
             if len(admits) >= room:
                 whole_pass = False
                 break
-            reached.add(q.eval_id)
             d = q.demand
+            if d.gpus and gpu_room <= 0:
+                whole_pass = False  # placement groups in flight: GPU shards wait for a later tick
+                continue
+            reached.add(q.eval_id)
             if d.gpus and (d.gpu_type in blocked_types or None in blocked_types):
                 reasons.setdefault(q.eval_id, f"waiting behind a larger {d.gpu_type or 'GPU'} shard")
                 continue
@@ -263,6 +279,7 @@ class Scheduler:
             if not released[node.node_id].fits(d):
                 continue  # its capacity was freed a moment ago: placed on the next tick (RELEASE_S)
             released[node.node_id].take(d)
+            gpu_room -= bool(d.gpus)
             admits.append((q, node))
         for q, node in admits:
             self.queue.remove(q.eval_id, q.shard_id)
@@ -286,27 +303,30 @@ class Scheduler:
         shard = next((s for s in self.store.shards(q.eval_id) if s.shard_id == q.shard_id), None)
         if shard is None or shard.status != "queued":
             return
-        pg = placement_group([q.demand.bundle()], strategy="STRICT_PACK", lifetime="detached",
-                             name=pg_name(q.eval_id, q.shard_id, shard.attempt),
-                             bundle_label_selector=[{"ray.io/node-id": node.node_id}])
+        pg = None
+        if q.demand.gpus:
+            pg = placement_group([q.demand.bundle()], strategy="STRICT_PACK", lifetime="detached",
+                                 name=pg_name(q.eval_id, q.shard_id, shard.attempt),
+                                 bundle_label_selector=[{"ray.io/node-id": node.node_id}])
         key = (q.eval_id, q.shard_id)
         entry = self.running[key] = Running(q.eval_id, q.shard_id, q.owner, q.demand, node.node_id, pg,
                                             shard.attempt, since=time.monotonic())
-        try:
-            await asyncio.wait_for(pg.ready(), PLACEMENT_TIMEOUT_S)
-        except (asyncio.TimeoutError, Exception) as exc:  # Ray could not place it after all
+        if pg is not None:
+            try:
+                await asyncio.wait_for(pg.ready(), PLACEMENT_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception) as exc:  # Ray could not place it after all
+                if self.running.get(key) is not entry:
+                    return  # reconciliation took it over meanwhile (and removed the group)
+                log.warning("placement of %s/%s failed: %s; re-queued", q.eval_id, q.shard_id, exc)
+                remove_placement_group(pg)
+                self.running.pop(key, None)
+                self.queue.push(q)
+                return
             if self.running.get(key) is not entry:
-                return  # reconciliation took it over meanwhile (and removed the group)
-            log.warning("placement of %s/%s failed: %s; re-queued", q.eval_id, q.shard_id, exc)
-            remove_placement_group(pg)
-            self.running.pop(key, None)
-            self.queue.push(q)
-            return
-        if self.running.get(key) is not entry:
-            return  # reconciliation took it over while it was placed (it removed the group, re-queued it)
+                return  # reconciliation took it over while it was placed (it removed the group, re-queued it)
         if not self.store.transition_shard(q.eval_id, q.shard_id, "scheduled", expect="queued",
                                            placement=node.node_id):
-            remove_placement_group(pg)
+            _remove(pg)
             self.running.pop(key, None)
             return
         self.admitted_total += 1
@@ -336,7 +356,7 @@ class Scheduler:
     async def shard_finished(self, eval_id: str, shard_id: str) -> None:
         """Told by a supervisor once a shard's outcome is in the store. Idempotent."""
         r = self.running.pop((eval_id, shard_id), None)
-        if r is not None:
+        if r is not None and r.pg is not None:
             remove_placement_group(r.pg)
             self.releasing.append((time.monotonic(), r.node_id, r.demand))
             asyncio.get_running_loop().call_later(RELEASE_S, self.wake.set)
@@ -427,10 +447,10 @@ class Scheduler:
                                                 Demand.from_resources(shard.resources), shard.attempt))
                 elif shard.status in ("scheduled", "running"):
                     name = pg_name(ev.id, shard.shard_id, shard.attempt)
-                    if key in live and name in pgs:
-                        pg = ray.util.get_placement_group(name)
-                        self.running[key] = Running(ev.id, shard.shard_id, ev.owner,
-                                                    Demand.from_resources(shard.resources),
+                    demand = Demand.from_resources(shard.resources)
+                    if key in live and (name in pgs or not demand.gpus):
+                        pg = ray.util.get_placement_group(name) if demand.gpus else None
+                        self.running[key] = Running(ev.id, shard.shard_id, ev.owner, demand,
                                                     shard.placement or "", pg, shard.attempt, live[key],
                                                     time.monotonic())
                         kept.add(name)
@@ -493,7 +513,7 @@ class Scheduler:
                 await self.shard_finished(r.eval_id, r.shard_id)
                 continue
             self.running.pop(key, None)
-            remove_placement_group(r.pg)
+            _remove(r.pg)
             ev = self.store.get_evaluation(r.eval_id)
             if r.eval_id in self.cancelling:
                 self.store.transition_shard(r.eval_id, r.shard_id, "cancelled", expect=("scheduled", "running"),
