@@ -304,6 +304,41 @@ class ResultsStore:
         write_bytes(uri, data, self.settings)
         return uri
 
+    def artifacts(self, eval_id: str) -> list[tuple[str, int, str]]:
+        """The evaluation's artifacts as (path `<shard_id>/<relative path>`, size, URI)."""
+        base = join(self.eval_uri(eval_id), "_artifacts")
+        return [(f.uri[len(base) + 1:], f.size, f.uri) for f in list_files(base, self.settings)]
+
+    def artifact_uri(self, eval_id: str, path: str) -> str:
+        """The URI of artifact `path` (as `artifacts` names it). Raises `ValueError` for a
+        path that would leave the evaluation's artifacts."""
+        parts = path.split("/")
+        if len(parts) < 2 or any(p in ("", ".", "..") for p in parts) or "\\" in path or "\x00" in path:
+            raise ValueError(f"{path!r} is not an artifact path (<shard_id>/<relative path>)")
+        return join(self.eval_uri(eval_id), "_artifacts", *parts)
+
+    def write_logs(self, eval_id: str, shard_id: str, attempt: int, lines: Sequence[dict[str, Any]]) -> str:
+        """Keep one shard attempt's log lines as JSON lines under `_logs/`. Returns the URI."""
+        uri = join(self.eval_uri(eval_id), "_logs", f"{shard_id}-a{attempt}.jsonl")
+        data = "".join(json.dumps(line, default=str) + "\n" for line in lines)
+        write_bytes(uri, data.encode(), self.settings)
+        return uri
+
+    def read_logs(self, eval_id: str) -> list[dict[str, Any]]:
+        """Every kept log line of the evaluation, oldest first. Lines that do not parse
+        (they came from a sandbox through the supervisor, but files can be damaged) are skipped."""
+        lines: list[dict[str, Any]] = []
+        for f in list_files(join(self.eval_uri(eval_id), "_logs"), self.settings):
+            for raw in read_bytes(f.uri, self.settings, limit=256 * 1024**2).splitlines():
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(line, dict):
+                    lines.append(line)
+        lines.sort(key=lambda line: (line.get("ts") or 0, str(line.get("shard_id")), line.get("n") or 0))
+        return lines
+
     def write_summary(self, eval_id: str, summary: dict[str, Any]) -> str:
         uri = join(self.eval_uri(eval_id), "_summary.json")
         write_bytes(uri, json.dumps(summary, indent=2, default=str).encode(), self.settings)

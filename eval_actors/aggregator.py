@@ -111,6 +111,10 @@ class Aggregator:
             await asyncio.to_thread(self.core.store.write_artifact, eval_id, shard_id, path, data)
         return len(artifacts)
 
+    async def store_logs(self, eval_id: str, shard_id: str, attempt: int, lines: list[dict[str, Any]]) -> int:
+        await asyncio.to_thread(self.core.store.write_logs, eval_id, shard_id, attempt, lines)
+        return len(lines)
+
     async def finalize(self, eval_id: str, scorer_names: list[str], extra: dict[str, Any],
                        by: dict[str, str] | None = None) -> dict[str, Any]:
         """Write what is left, compact the parts, and write the summary. Idempotent;

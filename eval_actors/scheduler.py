@@ -36,6 +36,7 @@ from proctor.spec import parse_spec
 
 from .capacity import Demand, Node, can_ever_fit, choose_node, wait_reason
 from .local_run import new_eval_id
+from .metrics import record_submission
 from .shard_executor import model_label
 from .shard_queue import QueuedShard, ShardQueue
 
@@ -183,6 +184,7 @@ class Scheduler:
         demand = Demand.from_resources(resources_of(spec))
         for shard in shards:
             self.queue.push(QueuedShard(eval_id, shard.shard_id, owner, spec.priority, demand))
+        record_submission()
         self._publish([{"type": "status", "eval_id": eval_id, "status": "queued", "owner": owner, "name": spec.name}])
         self.wake.set()
         return eval_id
@@ -335,14 +337,14 @@ class Scheduler:
         supervisor = self._pick_supervisor()
         self.running[key].supervisor = supervisor
         self.running[key].since = float("inf")  # not reconciled before the supervisor has it
+        self._publish([{"type": "shard", "eval_id": q.eval_id, "shard_id": q.shard_id, "status": "scheduled",
+                        "node": node.node_id, "demand": q.demand.describe(), "supervisor": supervisor}])
         try:
             await asyncio.wait_for(self._actor(supervisor).run_shard.remote(q.eval_id, q.shard_id, shard.attempt), 60)
         except Exception as exc:  # the supervisor is gone: reconciliation retries the shard
             log.warning("supervisor %s did not take %s/%s: %s", supervisor, q.eval_id, q.shard_id, exc)
         if self.running.get(key) is entry:
             entry.since = time.monotonic()
-        self._publish([{"type": "shard", "eval_id": q.eval_id, "shard_id": q.shard_id, "status": "scheduled",
-                        "node": node.node_id, "demand": q.demand.describe(), "supervisor": supervisor}])
 
     def _pick_supervisor(self) -> str:
         load = {name: 0 for name in self.supervisor_names}

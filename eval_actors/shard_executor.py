@@ -84,6 +84,8 @@ class ShardOutcome:
     logs: tuple[str, ...] = ()
     duration_s: float = 0.0
     first_event_s: float | None = None
+    model_calls: int = 0  # answered by the gateway (counted outside the sandbox)
+    model_tokens: int = 0
 
 
 def render_input(value: str | list[Any]) -> str:
@@ -116,6 +118,8 @@ class _Run:
     done: Any = None
     first_event_s: float | None = None
     on_record: Callable[[SampleRecord], None] | None = None
+    model_calls: int = 0
+    model_tokens: int = 0
 
 
 class ShardExecutor:
@@ -214,7 +218,7 @@ class ShardExecutor:
                 run.on_record(record)
         elif event.type == "generate":
             call = GatewayCall(work.eval_id, work.shard_id, work.spec.model, work.spec.safety, event)
-            task = asyncio.create_task(self._answer(sandbox, call))
+            task = asyncio.create_task(self._answer(sandbox, call, run))
             pending.add(task)
             task.add_done_callback(pending.discard)
         elif event.type == "artifact":
@@ -225,8 +229,11 @@ class ShardExecutor:
         elif event.type == "done":
             run.done = event
 
-    async def _answer(self, sandbox: Any, call: GatewayCall) -> None:
+    async def _answer(self, sandbox: Any, call: GatewayCall, run: _Run) -> None:
         result = await self.gateway.generate(call)
+        if result.error is None:
+            run.model_calls += 1
+            run.model_tokens += result.usage.input_tokens + result.usage.output_tokens
         await sandbox.send(encode(result))
 
     def _record(self, work: ShardWork, sample: Sample, event: Any) -> SampleRecord:
@@ -317,6 +324,7 @@ class ShardExecutor:
             records=tuple(records), runtime=self.runtime.name, isolation=self.runtime.isolation,
             error=error, exit=exit_, rejections=tuple(run.rejections), artifacts=tuple(run.artifacts),
             logs=tuple(run.logs), duration_s=time.monotonic() - started, first_event_s=run.first_event_s,
+            model_calls=run.model_calls, model_tokens=run.model_tokens,
         )
 
 

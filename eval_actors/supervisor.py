@@ -32,6 +32,7 @@ from proctor.spec import Sample, parse_spec
 
 from .gateway import OpenAIGateway
 from .local_run import rescore_outside
+from .metrics import record_shard
 from .shard_executor import ShardExecutor, ShardOutcome, ShardWork, StopSignal
 
 log = logging.getLogger("proctor.supervisor")
@@ -39,6 +40,7 @@ log = logging.getLogger("proctor.supervisor")
 PROGRESS_EVERY_S = 0.25
 STREAM_EVERY_S = 1.0
 HANDLE_TTL_S = 1.0  # a named actor's handle is looked up again after this (a replaced actor is found)
+MAX_LOG_LINES = 10_000  # kept per shard attempt (all are published live)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000)
@@ -207,16 +209,24 @@ class Supervisor:
                 aggregator.add_records.remote(eval_id, shard_id, attempt, list(pending), scorers)
                 pending.clear()
 
+        logs: list[dict[str, Any]] = []
+        dropped_logs = 0
+
         def on_event(event: Any) -> None:
-            nonlocal last_progress
+            nonlocal last_progress, dropped_logs
             now = time.monotonic()
             if event.type == "progress" and now - last_progress > PROGRESS_EVERY_S:
                 last_progress = now
                 self._publish([{"type": "progress", "eval_id": eval_id, "shard_id": shard_id,
                                 "done": done, "total": work.units}])
             elif event.type == "log":
-                self._publish([{"type": "log", "eval_id": eval_id, "shard_id": shard_id, "level": event.level,
-                                "message": event.message[:2000]}])
+                line = {"n": len(logs) + dropped_logs, "ts": time.time(), "shard_id": shard_id, "attempt": attempt,
+                        "level": event.level, "message": event.message[:2000]}
+                if len(logs) < MAX_LOG_LINES:
+                    logs.append(line)
+                else:
+                    dropped_logs += 1
+                self._publish([{"type": "log", "eval_id": eval_id, **line}])
 
         executor = ShardExecutor(runtime, self.gateway, self.workdir / runtime.name, rescore=rescore_outside)
         outcome: ShardOutcome = await executor.run(work, on_event=on_event, cancel=stop, on_record=on_record,
@@ -225,6 +235,11 @@ class Supervisor:
         await aggregator.finish_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers)
         if outcome.artifacts:
             await aggregator.store_artifacts.remote(eval_id, shard_id, list(outcome.artifacts))
+        if dropped_logs:
+            logs.append({"n": len(logs) + dropped_logs, "ts": time.time(), "shard_id": shard_id, "attempt": attempt,
+                         "level": "warning", "message": f"proctor: {dropped_logs} more log lines were not kept"})
+        if logs:
+            await aggregator.store_logs.remote(eval_id, shard_id, attempt, logs)
         status = outcome.status
         retry = status == "failed" and outcome.exit is None  # the sandbox never started: infrastructure
         try:
@@ -235,8 +250,11 @@ class Supervisor:
         if not retried and self.store.transition_shard(eval_id, shard_id, status, expect="running",
                                                        error=outcome.error):
             self.store.add_done_units(eval_id, len(outcome.records))
+        record_shard(status, len(outcome.records), outcome.model_calls, outcome.model_tokens, outcome.first_event_s)
         self._publish([{"type": "shard", "eval_id": eval_id, "shard_id": shard_id, "status": status,
                         "error": outcome.error, "runtime": outcome.runtime, "isolation": outcome.isolation,
-                        "rejections": len(outcome.rejections), "duration_s": round(outcome.duration_s, 3)},
+                        "rejections": len(outcome.rejections), "duration_s": round(outcome.duration_s, 3),
+                        "startup_s": outcome.first_event_s, "samples": len(outcome.records),
+                        "model_calls": outcome.model_calls, "model_tokens": outcome.model_tokens},
                        {"type": "progress", "eval_id": eval_id, "shard_id": shard_id, "done": len(outcome.records),
                         "total": work.units}])

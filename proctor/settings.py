@@ -40,6 +40,20 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
+    # the API's auth and limits (serve_app)
+    jwt_secret: str | None = Field(None, description="HS256 secret for the platform's own JWTs; "
+                                   "<home>/jwt-secret (made by `proctor up`) if unset")
+    jwt_issuer: str = Field("proctor", description="`iss` of the platform's own HS256 JWTs")
+    oidc_issuer: str | None = Field(None, description="an OIDC issuer whose RS256/ES256 JWTs are accepted (SSO)")
+    oidc_audience: str | None = Field(None, description="the `aud` an OIDC token must carry")
+    oidc_jwks_url: str | None = Field(None, description="the issuer's JWKS; discovered from "
+                                      "<issuer>/.well-known/openid-configuration if unset")
+    oidc_user_claim: str = Field("preferred_username", description="claim naming the user (else `sub`)")
+    oidc_role_claim: str = Field("proctor_role", description="claim carrying the Proctor role")
+    rate_limit_per_s: float = Field(50.0, ge=0, description="requests per second per token (0: no limit)")
+    rate_limit_burst: int = Field(200, ge=1, description="requests a token may make at once")
+    max_request_bytes: int = Field(16 * 1024**2, ge=1024, description="largest request body accepted")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (none by default)")
 
     @property
     def sandbox_dir(self) -> Path:
@@ -52,6 +66,10 @@ class Settings(BaseSettings):
     @property
     def token_file(self) -> Path:
         return self.config_dir / "token"
+
+    @property
+    def jwt_secret_file(self) -> Path:
+        return self.home / "jwt-secret"
 
     @property
     def state(self) -> str:

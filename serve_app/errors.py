@@ -21,9 +21,11 @@ from proctor.spec import SpecError
 class ApiError(Exception):
     """An error answered to the client as it is. Raised by handlers; caught by the app."""
 
-    def __init__(self, status: int, code: str, message: str, fields: list[dict[str, str]] | None = None):
+    def __init__(self, status: int, code: str, message: str, fields: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.fields = status, code, message, fields
+        self.headers = headers
 
 
 def body(code: str, message: str, fields: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -36,7 +38,7 @@ def body(code: str, message: str, fields: list[dict[str, str]] | None = None) ->
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(body(exc.code, exc.message, exc.fields), status_code=exc.status)
+        return JSONResponse(body(exc.code, exc.message, exc.fields), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:

@@ -72,6 +72,9 @@ def start_ray(settings: Settings) -> dict[str, Any]:
 def up(settings: Settings) -> dict[str, Any]:
     """Bring up the embedded platform (idempotent). Returns what `proctor up` prints."""
     settings.home.mkdir(parents=True, exist_ok=True)
+    from .auth import platform_secret
+
+    platform_secret(settings, create=True)  # before the API starts: it verifies the platform's JWTs
     info = start_ray(settings)
 
     import ray

@@ -97,3 +97,40 @@ def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa
         control_plane.stop(settings)
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def api(plane):  # noqa: ANN001, ANN201 - ControlPlane -> Iterator[(httpx.Client, tokens, StateStore)]
+    """The real Serve app on the session's Ray cluster, and an API key per role
+    (vera viewer, rita and rob researchers, sam safety, ada admin). It trusts the
+    platform's HS256 JWTs and a real OIDC issuer (`client.issuer`, tests/oidc.py); its
+    rate limit is 30/s per token with bursts of 100; bodies are capped at 1 MiB."""
+    import httpx
+    from ray import serve
+
+    from apiserver import USERS
+    from cluster.state import StateStore
+    from serve_app.deployment import APP_NAME, deployment
+
+    from oidc import Issuer
+
+    issuer = Issuer()
+    settings = plane.settings.model_copy(update={
+        "jwt_secret": "test-platform-secret-0123456789abcdef", "oidc_issuer": issuer.url,
+        "oidc_audience": issuer.audience, "rate_limit_per_s": 30.0, "rate_limit_burst": 100,
+        "max_request_bytes": 1024**2})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(deployment(settings), name=APP_NAME, route_prefix="/")
+    store = StateStore(plane.settings.state)
+    tokens = {}
+    for name, role in USERS:
+        if store.get_user(name) is None:
+            store.create_user(name, role)
+        tokens[name] = store.create_token(name, "test")[0]
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    client.settings, client.issuer = settings, issuer  # for the auth tests
+    yield client, tokens, store
+    client.close()
+    serve.delete(APP_NAME)
+    issuer.close()

@@ -9,51 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-from ray import serve
 
-from cluster.state import StateStore
-from ports import free_port
-from serve_app.deployment import APP_NAME, deployment
+from apiserver import auth, spec, wait_final
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def api(plane: Any) -> Any:
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment(plane.settings), name=APP_NAME, route_prefix="/")
-    store = StateStore(plane.settings.state)
-    tokens = {}
-    for name, role in [("vera", "viewer"), ("rita", "researcher"), ("rob", "researcher"), ("sam", "safety"),
-                       ("ada", "admin")]:
-        if store.get_user(name) is None:
-            store.create_user(name, role)
-        tokens[name] = store.create_token(name, "test")[0]
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    yield client, tokens, store
-    client.close()
-    serve.delete(APP_NAME)
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def spec(name: str = "api", samples: int = 2, **sandbox: Any) -> dict[str, Any]:
-    return {"name": name, "model": {"adapter": "reference"},
-            "dataset": {"samples": [{"id": str(i), "input": f"{i}?", "target": str(i)} for i in range(samples)]},
-            "scorers": [{"type": "exact"}], "sandbox": {"runtime": "gvisor", "memory": "256Mi", **sandbox}}
-
-
-def wait_final(client: httpx.Client, token: str, eval_id: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        ev = client.get(f"/api/v1/evaluations/{eval_id}", headers=auth(token)).json()
-        if ev["status"] in ("succeeded", "failed", "cancelled", "safety_stopped"):
-            return ev
-        assert time.monotonic() < deadline, ev
-        time.sleep(0.3)
 
 
 def test_health_and_docs_need_no_token(api: Any) -> None:

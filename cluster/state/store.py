@@ -261,14 +261,21 @@ class StateStore:
         return Evaluation.from_row(row) if row else None
 
     def list_evaluations(self, *, status: str | Iterable[str] | None = None, owner: str | None = None,
-                         label: tuple[str, str] | None = None, text: str | None = None, limit: int = 50,
+                         label: tuple[str, str] | None = None, text: str | None = None, model: str | None = None,
+                         sort: str = "-created_at", limit: int = 50,
                          cursor: str | None = None) -> tuple[list[Evaluation], str | None]:
-        """A page of evaluations, newest first, and the cursor of the next page (None at the end).
+        """A page of evaluations and the cursor of the next page (None at the end).
 
-        Filters combine with AND; `text` matches name or model, case-insensitively. Pages are
-        keyed on (created_at, id), so rows inserted between pages never shift later pages."""
+        Filters combine with AND; `text` matches name or model, case-insensitively; `model`
+        is the model's label exactly. `sort` is one of `SORTS` (`-` for descending; ties by
+        id). Pages are keyed on (sort value, id), so rows inserted between pages never
+        shift later pages. Raises `StateError` for a bad sort, limit or cursor."""
         if not 1 <= limit <= 1000:
             raise StateError(f"limit {limit} is out of range; use 1 to 1000")
+        if sort not in SORTS:
+            raise StateError(f"sort {sort!r} is not known; known: {', '.join(SORTS)}")
+        column = E.c[sort.lstrip("-")]
+        descending = sort.startswith("-")
         q = select(E)
         if status is not None:
             q = q.where(E.c.status.in_([status] if isinstance(status, str) else list(status)))
@@ -278,13 +285,19 @@ class StateStore:
             q = q.where(E.c.labels[label[0]].as_string() == label[1])
         if text:
             q = q.where(or_(E.c.name.icontains(text, autoescape=True), E.c.model.icontains(text, autoescape=True)))
+        if model:
+            q = q.where(E.c.model == model)
         if cursor:
-            at, after = _decode_cursor(cursor)
-            q = q.where(or_(E.c.created_at < at, and_(E.c.created_at == at, E.c.id < after)))
+            value, after = _decode_cursor(cursor, sort)
+            if descending:
+                q = q.where(or_(column < value, and_(column == value, E.c.id < after)))
+            else:
+                q = q.where(or_(column > value, and_(column == value, E.c.id > after)))
+        order = (column.desc(), E.c.id.desc()) if descending else (column.asc(), E.c.id.asc())
         with self._tx() as conn:
-            rows = conn.execute(q.order_by(E.c.created_at.desc(), E.c.id.desc()).limit(limit + 1)).all()
+            rows = conn.execute(q.order_by(*order).limit(limit + 1)).all()
         items = [Evaluation.from_row(r) for r in rows[:limit]]
-        return items, (_encode_cursor(items[-1]) if len(rows) > limit else None)
+        return items, (_encode_cursor(items[-1], sort) if len(rows) > limit else None)
 
     def transition_evaluation(self, id: str, to: str, *, expect: str | Iterable[str] | None = None,
                               **fields: Any) -> bool:
@@ -497,6 +510,9 @@ class StateStore:
             return [Token.from_row(r, r.user_name) for r in conn.execute(q).all()]
 
 
+SORTS = ("created_at", "-created_at", "name", "-name", "status", "-status", "priority", "-priority")
+
+
 def _reopen(url: str) -> StateStore:
     return StateStore(url, migrate=False)
 
@@ -505,17 +521,26 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _encode_cursor(ev: Evaluation) -> str:
-    raw = json.dumps([ev.created_at.isoformat(), ev.id]).encode()
+def _encode_cursor(ev: Evaluation, sort: str) -> str:
+    value = getattr(ev, sort.lstrip("-"))
+    raw = json.dumps([sort, value.isoformat() if isinstance(value, datetime) else value, ev.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def _decode_cursor(cursor: str, sort: str) -> tuple[Any, str]:
     try:
-        at, after = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        when = datetime.fromisoformat(at)
-        if when.tzinfo is None or not isinstance(after, str):
+        made_for, value, after = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if made_for != sort or not isinstance(after, str):
             raise ValueError(cursor)
-        return when, after
-    except (ValueError, TypeError) as exc:
+        if sort.lstrip("-") == "created_at":
+            value = datetime.fromisoformat(value)
+            if value.tzinfo is None:
+                raise ValueError(cursor)
+        elif sort.lstrip("-") == "priority":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(cursor)
+        elif not isinstance(value, str):
+            raise ValueError(cursor)
+        return value, after
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise StateError(f"cursor {cursor[:40]!r} is not one this store returned; list again without it") from exc
