@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 import ray
-from fastapi import Depends, FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Body, Depends, FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,7 +31,7 @@ from cluster.state.store import SORTS
 from cluster.storage import StorageError, is_s3, presigned_url, read_bytes
 from eval_actors.control_plane import BUS, SCHEDULER
 from proctor.settings import Settings
-from proctor.spec import parse_spec
+from proctor.spec import EvaluationSpec, parse_spec
 
 from .auth import Authenticator, Principal
 from .errors import ApiError, install
@@ -138,9 +139,30 @@ class ArtifactList(BaseModel):
     artifacts: list[Artifact]
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable: clients branch on it")
+    message: str = Field(description="for people")
+    fields: list[dict[str, str]] | None = Field(None, description="the bad fields: [{field, reason}]")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": what} for status, what in [
+        (400, "the request could not be read (e.g. a body that is not JSON)"),
+        (401, "no token, or a bad, expired or revoked one"), (403, "the caller's role does not allow it"),
+        (404, "no such thing, or not the caller's to see"), (409, "it conflicts with the current state"),
+        (413, "the request body is too large"), (422, "invalid input; `fields` names each bad one"),
+        (429, "rate limited; `Retry-After` says when to retry"), (503, "the control plane or a store is unavailable"),
+    ]
+}
+
+
 def build_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Proctor", version="1", docs_url="/docs", openapi_url="/openapi.json",
-                  description="Evaluate AI models for dangerous capabilities, safely.")
+                  description="Evaluate AI models for dangerous capabilities, safely.", responses=ERRORS)
     install(app)
     store = StateStore(settings.state)
     results = ResultsStore(settings.results, settings)
@@ -195,8 +217,10 @@ def build_app(settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------ evaluations
 
-    @app.post("/api/v1/evaluations", status_code=202, response_model=Submitted, tags=["evaluations"])
-    async def submit(spec: dict[str, Any], who: Principal = Depends(caller)) -> Submitted:
+    @app.post("/api/v1/evaluations", status_code=202, response_model=Submitted, tags=["evaluations"],
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/EvaluationSpec"}}}}})
+    async def submit(spec: dict[str, Any] = Body(...), who: Principal = Depends(caller)) -> Submitted:
         """Submit an evaluation spec (the JSON form of `proctor schema`)."""
         who.require("researcher", "submitting an evaluation")
         parse_spec(spec)  # 422 with every bad field before anything is stored
@@ -533,4 +557,17 @@ def build_app(settings: Settings) -> FastAPI:
         """Live events of every evaluation the caller may read."""
         await stream(ws, None, max(0, after), token)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the evaluation spec's own schema as the submit body
+        (the body is read as a mapping so that `parse_spec` names every bad field)."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            spec_schema = EvaluationSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(spec_schema.pop("$defs", {}))
+            schemas["EvaluationSpec"] = spec_schema
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
