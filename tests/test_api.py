@@ -120,3 +120,21 @@ def test_emergency_stop_kills_the_sandbox_within_a_second(api: Any, plane: Any) 
     assert gone_at is not None and gone_at - answered < 1.0, "the sandbox outlived the stop by a second"
     assert wait_final(client, tokens["sam"], eval_id)["status"] == "cancelled"
     assert sandbox_id not in _runsc_sandboxes(plane.settings.home)
+
+
+def test_serve_config_file_deploys_the_same_app(plane: Any) -> None:
+    """`serve deploy serve_app/serve_config.yaml` is valid for Ray Serve and builds the app."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).parent.parent / "serve_app" / "serve_config.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = config.applications[0]
+    module, _, name = app.import_path.partition(":")
+    built = getattr(importlib.import_module(module), name)(app.args)
+    from ray.serve import Application
+
+    assert isinstance(built, Application)
+    assert app.deployments[0].name == "ProctorAPI"

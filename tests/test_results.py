@@ -213,3 +213,26 @@ def test_write_parquet_replaces_a_file_whole(settings: Settings) -> None:
     assert table["sample_id"].to_pylist() == ["c"] and table["attempt"].to_pylist() == [2]
     assert [f.uri for f in list_files(f"{settings.results}/t", settings)] == [uri]  # no temp file left
     assert isinstance(table, pa.Table) and not pd.isna(table["completed_at"][0].as_py())
+
+
+def test_artifacts_and_logs_round_trip(settings: Settings) -> None:
+    store = ResultsStore(settings.results, settings)
+    assert store.artifacts("ev-a") == [] and store.read_logs("ev-a") == []
+    store.write_artifact("ev-a", "00001", "s1-e1/out/answer.txt", b"42\n")
+    store.write_artifact("ev-a", "00000", "s0-e1/answer.txt", b"7\n")
+    found = store.artifacts("ev-a")
+    assert [(p, n) for p, n, _ in found] == [("00000/s0-e1/answer.txt", 2), ("00001/s1-e1/out/answer.txt", 3)]
+    assert read_bytes(store.artifact_uri("ev-a", found[1][0]), settings) == b"42\n"
+    for bad in ["../x", "00000", "00000/../../etc", "00000//x", "00000/./x"]:
+        with pytest.raises(ValueError):
+            store.artifact_uri("ev-a", bad)
+    url = presigned_url(found[0][2], settings)
+    if url is not None:  # S3: the pre-signed URL downloads it without credentials
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert answer.read() == b"7\n"
+    store.write_logs("ev-a", "00000", 1, [{"n": 0, "ts": 2.0, "shard_id": "00000", "message": "second"}])
+    store.write_logs("ev-a", "00001", 1, [{"n": 0, "ts": 1.0, "shard_id": "00001", "message": "first"}])
+    write_bytes(f"{store.eval_uri('ev-a')}/_logs/00002-a1.jsonl", b'not json\n{"ts": 3.0, "message": "third"}\n',
+                settings)
+    assert [line["message"] for line in store.read_logs("ev-a")] == ["first", "second", "third"]
+    assert store.parts("ev-a") == []  # logs and artifacts are not data parts
