@@ -3,7 +3,8 @@
 The sandboxes are a TEST DOUBLE (`cluster.runtimes.simulated`): no process per sandbox,
 only the runner protocol spoken inside the supervisor, so that 10,000 of them fit on a
 small machine. Everything else is the real control plane: the scheduler (spec
-validation, SQLite state store, one Ray placement group per shard), the supervisors, the
+validation, SQLite state store, capacity accounting (CPU-only shards: no Ray placement
+group)), the supervisors, the
 aggregator (Parquet parts, compaction, summary) and the event bus, on a local Ray
 cluster (`ray.cluster_utils.Cluster`, --nodes raylets on this machine) whose declared
 CPUs and memory let all K shards fit at once: each shard asks 0.001 CPU and 64Mi, each

@@ -5,7 +5,7 @@ N one-sample evaluations (reference model, one `exact` scorer, sandbox runtime `
 (`ray.init(address="local", num_cpus=--cpus)`, default: this machine's CPU count):
 
   control plane — every evaluation through `ControlPlane.submit` (spec validation, state
-                  store, scheduler, placement group, supervisor, aggregator Parquet
+                  store, scheduler (no placement group: CPU-only), supervisor, aggregator Parquet
                   parts and summary), then `ControlPlane.wait` for each; from the first
                   submit to the last wait's return. Its concurrency is what Ray's CPUs
                   admit: one shard per CPU.

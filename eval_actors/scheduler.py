@@ -265,15 +265,15 @@ class Scheduler:
                 whole_pass = False  # placement groups in flight: GPU shards wait for a later tick
                 continue
             reached.add(q.eval_id)
+            if not can_ever_fit(nodes, d):  # said as such, and it blocks no one
+                reasons[q.eval_id] = wait_reason(nodes, d) + " (no node can ever hold it)"
+                continue
             if d.gpus and (d.gpu_type in blocked_types or None in blocked_types):
                 reasons.setdefault(q.eval_id, f"waiting behind a larger {d.gpu_type or 'GPU'} shard")
                 continue
             node = choose_node(nodes, d)
             if node is None:
-                if not can_ever_fit(nodes, d):
-                    reasons[q.eval_id] = wait_reason(nodes, d) + " (no node can ever hold it)"
-                else:
-                    reasons.setdefault(q.eval_id, wait_reason(nodes, d))
+                reasons.setdefault(q.eval_id, wait_reason(nodes, d))
                 if d.gpus:
                     blocked_types.add(d.gpu_type)
                 continue

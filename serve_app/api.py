@@ -43,6 +43,7 @@ TERMINAL = ("succeeded", "failed", "cancelled", "safety_stopped")
 LEVELS = {"debug": 0, "info": 1, "warning": 2, "error": 3}
 MAX_ARTIFACT_DOWNLOAD = 256 * 1024**2
 WS_POLL_S = 10.0
+HANDLE_TTL_S = 5.0
 USER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 
 
@@ -176,11 +177,21 @@ def build_app(settings: Settings) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
+    handles: dict[str, tuple[Any, float]] = {}
+
     def actor(name: str) -> Any:
+        # `ray.get_actor` is a GCS round trip: keep a handle briefly (a restarted actor keeps
+        # its name and handle; a replaced one is found again after HANDLE_TTL_S)
+        now = time.monotonic()
+        hit = handles.get(name)
+        if hit is not None and now - hit[1] < HANDLE_TTL_S:
+            return hit[0]
         try:
-            return ray.get_actor(name, namespace=settings.ray_namespace)
+            handle = ray.get_actor(name, namespace=settings.ray_namespace)
         except ValueError:
             raise ApiError(503, "control_plane_unavailable", f"{name} is not running; run `proctor up`") from None
+        handles[name] = (handle, now)
+        return handle
 
     def scheduler() -> Any:
         return actor(SCHEDULER)
