@@ -339,6 +339,38 @@ class ResultsStore:
         lines.sort(key=lambda line: (line.get("ts") or 0, str(line.get("shard_id")), line.get("n") or 0))
         return lines
 
+    # ---------------------------------------------------------------- quarantine
+
+    def quarantine_uri(self, eval_id: str, *parts: str) -> str:
+        """Where a safety-stopped shard's rows, artifacts and report go: a prefix apart from
+        the results (`_quarantine/`, which Parquet readers of the root skip), readable
+        through the API by the safety and admin roles only."""
+        return join(self.root_uri, "_quarantine", f"eval_id={eval_id}", *parts)
+
+    def quarantine_shard(self, eval_id: str, shard_id: str, artifacts: Sequence[tuple[str, bytes]],
+                         report: dict[str, Any]) -> list[str]:
+        """Move the shard's stored rows (every part) and its artifacts to the quarantine
+        prefix, with its incident report. Idempotent. Returns the quarantined URIs."""
+        moved = []
+        for part in [p for p in self.parts(eval_id) if p.shard_id == shard_id]:
+            name = part.uri.rsplit("/", 1)[-1]
+            write_bytes(self.quarantine_uri(eval_id, shard_id, name), read_bytes(part.uri, self.settings),
+                        self.settings)
+            moved.append(self.quarantine_uri(eval_id, shard_id, name))
+            delete_files([part.uri], self.settings)
+        for path, data in artifacts:
+            uri = self.quarantine_uri(eval_id, shard_id, "artifacts", path)
+            write_bytes(uri, data, self.settings)
+            moved.append(uri)
+        write_bytes(self.quarantine_uri(eval_id, shard_id, "report.json"),
+                    json.dumps(report, indent=2, default=str).encode(), self.settings)
+        return moved
+
+    def quarantined(self, eval_id: str) -> list[tuple[str, int, str]]:
+        """What is quarantined for the evaluation: (path `<shard_id>/...`, size, URI)."""
+        base = self.quarantine_uri(eval_id)
+        return [(f.uri[len(base) + 1:], f.size, f.uri) for f in list_files(base, self.settings)]
+
     def write_summary(self, eval_id: str, summary: dict[str, Any]) -> str:
         uri = join(self.eval_uri(eval_id), "_summary.json")
         write_bytes(uri, json.dumps(summary, indent=2, default=str).encode(), self.settings)

@@ -111,6 +111,16 @@ class Aggregator:
             await asyncio.to_thread(self.core.store.write_artifact, eval_id, shard_id, path, data)
         return len(artifacts)
 
+    async def quarantine_shard(self, eval_id: str, shard_id: str, attempt: int, records: list[Any],
+                               scorer_names: list[str], artifacts: list[tuple[str, bytes]],
+                               report: dict[str, Any]) -> int:
+        """A safety-stopped shard: its rows are written as any shard's (so that the
+        evaluation's bookkeeping stays whole), then moved with its artifacts to the
+        quarantine prefix. Idempotent."""
+        await self.finish_shard(eval_id, shard_id, attempt, records, scorer_names)
+        moved = await asyncio.to_thread(self.core.store.quarantine_shard, eval_id, shard_id, artifacts, report)
+        return len(moved)
+
     async def store_logs(self, eval_id: str, shard_id: str, attempt: int, lines: list[dict[str, Any]]) -> int:
         await asyncio.to_thread(self.core.store.write_logs, eval_id, shard_id, attempt, lines)
         return len(lines)

@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 
 from proctor.protocol import GenerateEvent, GenerateResult, Usage
-from proctor.spec import OpenAIModel, SafetyLimits
+from proctor.policy import SafetyPolicy
+from proctor.spec import OpenAIModel
 
 log = logging.getLogger("proctor.gateway")
 
@@ -42,7 +43,7 @@ class GatewayCall:
     eval_id: str
     shard_id: str
     model: Any  # the spec's model
-    limits: SafetyLimits
+    limits: SafetyPolicy
     event: GenerateEvent
 
 
@@ -86,7 +87,7 @@ class ModelGateway(ABC):
         return result
 
     @staticmethod
-    def _refusal(ledger: UsageLedger, limits: SafetyLimits) -> str | None:
+    def _refusal(ledger: UsageLedger, limits: SafetyPolicy) -> str | None:
         if ledger.calls >= limits.max_model_calls:
             return f"model-call limit reached: {limits.max_model_calls} calls (safety.max_model_calls)"
         if ledger.tokens >= limits.max_tokens:

@@ -114,7 +114,8 @@ async def run_evaluation(
     by = {str(x.id): str(x.metadata.get(key, "(none)")) for x in samples} if key else None
     summary = summarize(table, spec.scorer_names(), by=by)
     statuses = {o.status for o in outcomes}
-    status = "cancelled" if "cancelled" in statuses else "failed" if "failed" in statuses else "succeeded"
+    status = ("safety_stopped" if "safety_stopped" in statuses else "cancelled" if "cancelled" in statuses
+              else "failed" if "failed" in statuses else "succeeded")
     duration = time.monotonic() - started
     summary.update({
         "eval_id": eval_id,

@@ -24,6 +24,8 @@ def _metrics() -> dict[str, Any]:
         "samples": ray_metrics.Counter("proctor_samples_scored_total", "Sample rows scored."),
         "calls": ray_metrics.Counter("proctor_model_gateway_calls_total", "Model calls answered by the gateway."),
         "tokens": ray_metrics.Counter("proctor_model_gateway_tokens_total", "Tokens of the gateway's model calls."),
+        "violations": ray_metrics.Counter("proctor_safety_violations_total", "Safety violations, by rule.",
+                                          tag_keys=("rule", "action")),
         "start": ray_metrics.Histogram("proctor_sandbox_start_seconds",
                                        "From launching a sandbox to its first protocol event.",
                                        boundaries=SANDBOX_START_BUCKETS),
@@ -45,3 +47,7 @@ def record_shard(status: str, samples: int, model_calls: int, model_tokens: int,
         m["tokens"].inc(model_tokens)
     if startup_s is not None:
         m["start"].observe(startup_s)
+
+
+def record_violation(rule: str, action: str) -> None:
+    _metrics()["violations"].inc(tags={"rule": rule, "action": action})

@@ -15,6 +15,7 @@ data). It raises only `asyncio.CancelledError`, after killing and removing the s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,10 @@ from cluster.runtimes import LaunchRequest, SandboxError, SandboxExit, SandboxLi
 from cluster.runtimes.layout import SANDBOX_USER, harness_layout
 from proctor.protocol import Cancel, Rejection, ShardMessage, ShardSample, encode
 from proctor.spec import EvaluationSpec, Sample
+from safety.guard import SafetyGuard
+from safety.monitors import ResourceMonitor, disk_usage
+from safety.rules import RuleSet
+from safety.violations import Violation
 
 from .gateway import GatewayCall, ModelGateway
 
@@ -38,6 +43,8 @@ log = logging.getLogger("proctor.executor")
 MAX_ARTIFACT_BYTES = 16 * 1024**2
 MAX_ARTIFACTS_TOTAL = 64 * 1024**2
 CANCEL_GRACE_S = 2.0
+LIMIT_REFUSALS = ("model-call limit", "token limit", "cost limit")  # the gateway's refusals (gateway.py)
+GUARD_INTERVAL_S = 0.5  # monitors are polled this often (the policy's text rules act at once)
 
 
 class StopSignal(asyncio.Event):
@@ -73,7 +80,7 @@ class ShardWork:
 class ShardOutcome:
     eval_id: str
     shard_id: str
-    status: Literal["succeeded", "failed", "cancelled"]
+    status: Literal["succeeded", "failed", "cancelled", "safety_stopped"]
     records: tuple[SampleRecord, ...]
     runtime: str
     isolation: str
@@ -86,6 +93,7 @@ class ShardOutcome:
     first_event_s: float | None = None
     model_calls: int = 0  # answered by the gateway (counted outside the sandbox)
     model_tokens: int = 0
+    safety: dict[str, Any] = field(default_factory=dict)  # the guard's violations, stop and resource trace
 
 
 def render_input(value: str | list[Any]) -> str:
@@ -120,6 +128,7 @@ class _Run:
     on_record: Callable[[SampleRecord], None] | None = None
     model_calls: int = 0
     model_tokens: int = 0
+    guard: SafetyGuard | None = None
 
 
 class ShardExecutor:
@@ -130,6 +139,7 @@ class ShardExecutor:
         self.sandbox_dir = sandbox_dir
         self.rescore = rescore
         self.layout = harness_layout(unprivileged=runtime.isolation == "weak")
+        self._rulesets: dict[str, RuleSet] = {}
         self.sandbox_dir.mkdir(parents=True, exist_ok=True)
         self.sandbox_dir.chmod(0o711)
 
@@ -162,6 +172,8 @@ class ShardExecutor:
                 sandbox = await self.runtime.launch(request)
             except SandboxError as exc:
                 return self._outcome(run, "failed", str(exc), None, started)
+            run.guard = self._guard(spec, request, sandbox)
+            run.guard.start()
             await sandbox.send(encode(_shard_message(work)))
             watcher = asyncio.create_task(self._watch_cancel(sandbox, cancel)) if cancel else None
             pending: set[asyncio.Task[None]] = set()
@@ -173,22 +185,68 @@ class ShardExecutor:
                     if on_event is not None:
                         on_event(event)
                 exit_ = await sandbox.wait()
+                self._limit_hit(run.guard, exit_)
+                await run.guard.wait_stopped()
             finally:
                 if watcher is not None:
                     watcher.cancel()
                 for task in pending:
                     task.cancel()
+                await run.guard.close()
             run.rejections.extend(sandbox.parser.rejections)
             status, error = self._judge(run, exit_, cancel)
             return self._outcome(run, status, error, exit_, started)
         except asyncio.CancelledError:
             if sandbox is not None:
                 await sandbox.kill("killed", "supervisor cancelled")
+            if run.guard is not None:
+                await run.guard.close()
             raise
         finally:
             if sandbox is not None:
                 await sandbox.cleanup()
             shutil.rmtree(workspace, ignore_errors=True)
+
+    def _guard(self, spec: EvaluationSpec, request: LaunchRequest, sandbox: Any) -> SafetyGuard:
+        limits = request.limits
+        policy = spec.safety
+
+        async def sample() -> dict[str, float | None]:
+            stats = await sandbox.stats()
+            disk = await asyncio.to_thread(disk_usage, request.workspace, 2 * limits.disk_bytes)
+            return {"memory": stats.memory_bytes, "pids": stats.pids, "cpu_s": stats.cpu_seconds, "disk": disk,
+                    "output": getattr(sandbox, "output_bytes", None)}
+
+        async def stop(v: Violation) -> None:
+            await sandbox.kill("killed", f"safety: {v.monitor}/{v.rule}: {v.message}")
+            try:
+                await asyncio.wait_for(sandbox.wait(), 10)
+            except asyncio.TimeoutError:
+                log.error("sandbox %s not dead 10 s after a safety stop", request.sandbox_id)
+
+        resource_limits = {"memory": limits.memory_bytes, "pids": limits.pids, "disk": limits.disk_bytes,
+                           "output": limits.output_cap_bytes, "cpu_s": policy.resources.max_cpu_s}
+        monitors: list[Any] = [ResourceMonitor(sample, resource_limits, policy.resources)]
+        return SafetyGuard(policy, monitors, stop, interval=GUARD_INTERVAL_S, rules=self._rules(policy))
+
+    @staticmethod
+    def _limit_hit(guard: SafetyGuard, exit_: SandboxExit) -> None:
+        """A sandbox the runtime ended at a hard limit (the kernel's OOM kill, the output
+        cap) broke the policy even when no monitor sampled it in time."""
+        metric = {"oom": "memory", "output_cap": "output"}.get(exit_.reason)
+        if metric is not None and guard.stopped is None:
+            guard.report(Violation("resources", metric, guard.policy.resources.action,
+                                   f"the sandbox hit its {metric} limit and was killed by the runtime",
+                                   (exit_.detail,)))
+
+    def _rules(self, policy: Any) -> RuleSet:
+        key = policy.model_dump_json()
+        rules = self._rulesets.get(key)
+        if rules is None:
+            rules = self._rulesets[key] = RuleSet.of(policy)
+            while len(self._rulesets) > 64:
+                self._rulesets.pop(next(iter(self._rulesets)))
+        return rules
 
     async def _watch_cancel(self, sandbox: Any, cancel: asyncio.Event) -> None:
         await cancel.wait()
@@ -213,6 +271,8 @@ class ShardExecutor:
                 why = "duplicate" if key in run.records else "not in this shard"
                 run.rejections.append(Rejection(f"sample {event.sample_id!r} epoch {event.epoch}: {why}", "", 0))
                 return
+            if run.guard is not None:
+                run.guard.observe("output", event.output)
             record = run.records[key] = self._record(work, sample, event)
             if run.on_record is not None:
                 run.on_record(record)
@@ -224,6 +284,10 @@ class ShardExecutor:
         elif event.type == "artifact":
             self._collect_artifact(run, workspace, event)
         elif event.type == "log":
+            if run.guard is not None:
+                run.guard.observe("log", event.message)
+                if event.message.startswith("tool: "):  # the harness says so before it runs one
+                    run.guard.observe("command", event.message[6:])
             run.logs.append(f"{event.level}: {event.message[:2000]}")
             del run.logs[: max(0, len(run.logs) - 1000)]
         elif event.type == "done":
@@ -231,10 +295,23 @@ class ShardExecutor:
 
     async def _answer(self, sandbox: Any, call: GatewayCall, run: _Run) -> None:
         result = await self.gateway.generate(call)
+        guard = run.guard
         if result.error is None:
             run.model_calls += 1
             run.model_tokens += result.usage.input_tokens + result.usage.output_tokens
-        await sandbox.send(encode(result))
+        elif guard is not None and result.error.startswith(LIMIT_REFUSALS):
+            guard.report(Violation("usage", result.error.split(" limit", 1)[0].replace(" ", "-"),
+                                   guard.policy.usage_action, result.error, (result.error,)))
+        if guard is None:
+            await sandbox.send(encode(result))
+            return
+        if not guard.policy.hold_generations:
+            await sandbox.send(encode(result))
+        found = guard.observe("generation", result.output)
+        for tool_call in result.tool_calls:
+            found += guard.observe("command", _command_text(tool_call))
+        if guard.policy.hold_generations and not guard.blocks(found):
+            await sandbox.send(encode(result))  # a blocked answer never reaches the sandbox
 
     def _record(self, work: ShardWork, sample: Sample, event: Any) -> SampleRecord:
         scores = {name: s.value for name, s in event.scores.items() if name in work.spec.scorer_names()}
@@ -289,6 +366,9 @@ class ShardExecutor:
         run.artifacts.append((str(rel), data))
 
     def _judge(self, run: _Run, exit_: SandboxExit, cancel: asyncio.Event | None) -> tuple[str, str | None]:
+        if run.guard is not None and run.guard.stopped is not None:
+            v = run.guard.stopped
+            return "safety_stopped", f"safety stop by {v.monitor}/{v.rule}: {v.message}"
         if cancel is not None and cancel.is_set():
             return "cancelled", "cancelled"
         if exit_.reason != "exited":
@@ -325,7 +405,22 @@ class ShardExecutor:
             error=error, exit=exit_, rejections=tuple(run.rejections), artifacts=tuple(run.artifacts),
             logs=tuple(run.logs), duration_s=time.monotonic() - started, first_event_s=run.first_event_s,
             model_calls=run.model_calls, model_tokens=run.model_tokens,
+            safety=({**run.guard.summary(), "trace": run.guard.trace()} if run.guard is not None else {}),
         )
+
+
+def _command_text(tool_call: Any) -> str:
+    """The command a model's tool call asks for (OpenAI's shape: function.arguments is a
+    JSON string with `command`), else the whole call as JSON: the rules read either."""
+    try:
+        args = tool_call.get("function", {}).get("arguments")
+        if isinstance(args, str):
+            args = json.loads(args)
+        if isinstance(args, dict) and isinstance(args.get("command"), str):
+            return args["command"]
+    except (AttributeError, ValueError):
+        pass
+    return json.dumps(tool_call, default=str)[:65536]
 
 
 def sandbox_id_for(work: ShardWork) -> str:

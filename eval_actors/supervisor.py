@@ -30,9 +30,13 @@ from cluster.state import RetriesExhaustedError, StateStore
 from proctor.settings import Settings
 from proctor.spec import Sample, parse_spec
 
+from safety.alerts import AlertSink, Webhook
+from safety.incident import evidence_of
+from safety.violations import Violation
+
 from .gateway import OpenAIGateway
 from .local_run import rescore_outside
-from .metrics import record_shard
+from .metrics import record_shard, record_violation
 from .shard_executor import ShardExecutor, ShardOutcome, ShardWork, StopSignal
 
 log = logging.getLogger("proctor.supervisor")
@@ -59,6 +63,9 @@ class Supervisor:
         self.tasks: dict[tuple[str, str], tuple[asyncio.Task[None], StopSignal]] = {}
         self.samples: dict[str, dict[str, Sample]] = {}
         self._handles: dict[str, tuple[Any, float]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.alerts = AlertSink([Webhook(url, settings.alert_shape, settings.pagerduty_routing_key)
+                                 for url in settings.alert_webhooks], source=f"proctor/{name}")
         self.killed_leftovers = self._kill_leftovers()
 
     # ------------------------------------------------------------ handles
@@ -151,6 +158,41 @@ class Supervisor:
         return {"name": self.name, "shards": len(self.tasks), "killed_leftovers": self.killed_leftovers,
                 "gateway_calls": sum(l.calls for l in self.gateway.ledgers.values())}
 
+    def _incidents(self, eval_id: str, shard_id: str, outcome: ShardOutcome) -> list[dict[str, Any]]:
+        """Record each safety violation of the shard as an incident, publish it, and alert
+        on `stop` and `alert` ones. Returns them as dicts."""
+        safety = outcome.safety or {}
+        out = []
+        for v in safety.get("violations", []):
+            violation = Violation(v["monitor"], v["rule"], v["action"], v["message"], tuple(v["evidence"]), v["at"])
+            evidence = evidence_of(violation, safety, safety.get("started_at"))
+            try:
+                inc = self.store.add_incident(eval_id, rule=f"{v['monitor']}/{v['rule']}", severity=v["severity"],
+                                              action=v["action"], evidence=evidence, shard_id=shard_id)
+            except Exception:  # the incident is also in the quarantine report and the log
+                log.exception("could not record an incident of %s/%s", eval_id, shard_id)
+                continue
+            item = {"id": inc.id, "eval_id": eval_id, "shard_id": shard_id, "rule": inc.rule,
+                    "severity": inc.severity, "action": inc.action, "evidence": evidence,
+                    "created_at": inc.created_at.isoformat()}
+            out.append(item)
+            record_violation(inc.rule, inc.action)
+            self._publish([{"type": "incident", **item}])
+            if v["action"] in ("stop", "alert"):
+                self.alerts.send(item)
+        return out
+
+    def _background(self, awaitable: Any) -> None:
+        async def run() -> None:
+            try:
+                await awaitable
+            except Exception:
+                log.exception("background call failed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _work(self, eval_id: str, shard_id: str) -> tuple[Any, ShardWork, Any]:
         ev = self.store.get_evaluation(eval_id)
         spec = parse_spec(ev.spec)
@@ -231,10 +273,17 @@ class Supervisor:
         executor = ShardExecutor(runtime, self.gateway, self.workdir / runtime.name, rescore=rescore_outside)
         outcome: ShardOutcome = await executor.run(work, on_event=on_event, cancel=stop, on_record=on_record,
                                                    sandbox_id=sandbox_id)
-        # every row of the shard, once more: the aggregator keeps them idempotently
-        await aggregator.finish_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers)
-        if outcome.artifacts:
-            await aggregator.store_artifacts.remote(eval_id, shard_id, list(outcome.artifacts))
+        incidents = self._incidents(eval_id, shard_id, outcome)
+        if outcome.status == "safety_stopped":
+            # its rows and artifacts are moved aside, readable by the safety and admin roles only
+            await aggregator.quarantine_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers,
+                                                     list(outcome.artifacts), {"incidents": incidents,
+                                                                              "safety": outcome.safety})
+        else:
+            # every row of the shard, once more: the aggregator keeps them idempotently
+            await aggregator.finish_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers)
+            if outcome.artifacts:
+                await aggregator.store_artifacts.remote(eval_id, shard_id, list(outcome.artifacts))
         if dropped_logs:
             logs.append({"n": len(logs) + dropped_logs, "ts": time.time(), "shard_id": shard_id, "attempt": attempt,
                          "level": "warning", "message": f"proctor: {dropped_logs} more log lines were not kept"})
@@ -251,6 +300,8 @@ class Supervisor:
                                                        error=outcome.error):
             self.store.add_done_units(eval_id, len(outcome.records))
         record_shard(status, len(outcome.records), outcome.model_calls, outcome.model_tokens, outcome.first_event_s)
+        if status == "safety_stopped":  # one shard's violation stops the whole evaluation
+            self._background(self._actor("scheduler").cancel.remote(eval_id, True, "safety_stopped"))
         self._publish([{"type": "shard", "eval_id": eval_id, "shard_id": shard_id, "status": status,
                         "error": outcome.error, "runtime": outcome.runtime, "isolation": outcome.isolation,
                         "rejections": len(outcome.rejections), "duration_s": round(outcome.duration_s, 3),

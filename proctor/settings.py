@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(200, ge=1, description="requests a token may make at once")
     max_request_bytes: int = Field(16 * 1024**2, ge=1024, description="largest request body accepted")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (none by default)")
+    # safety alerts (safety/alerts.py)
+    alert_webhooks: list[str] = Field(default_factory=list, description="URLs that receive safety incidents")
+    alert_shape: Literal["json", "pagerduty"] = Field("json", description="the alert body: Proctor's JSON or "
+                                                      "PagerDuty Events v2")
+    pagerduty_routing_key: str | None = Field(None, description="the integration key of PagerDuty alerts")
 
     @property
     def sandbox_dir(self) -> Path:

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from .policy import SafetyPolicy
+
 SPEC_VERSION = 1
 
 KNOWN_GPU_TYPES = ("A10G", "A100", "A100-80G", "H100", "H200", "L4", "L40S", "T4", "V100")
@@ -331,20 +333,11 @@ def _check_workspace_path(path: str) -> None:
 # ---------------------------------------------------------------- safety
 
 
-class SafetyLimits(StrictModel):
-    """Usage limits of one evaluation. Rules and monitors come with the safety policy."""
-
-    max_model_calls: int = Field(10_000, ge=0, description="model-gateway calls per evaluation")
-    max_tokens: int = Field(10_000_000, ge=0, description="input + output tokens per evaluation")
-    max_cost_usd: float = Field(100.0, ge=0)
-    max_turns: int = Field(20, ge=1, le=1000, description="model turns per sample in a tool loop")
-
-
 # ---------------------------------------------------------------- the evaluation
 
 
 class EvaluationSpec(StrictModel):
-    """An evaluation: a model, a dataset, scorers, a sandbox and safety limits."""
+    """An evaluation: a model, a dataset, scorers, a sandbox and a safety policy."""
 
     version: int = Field(SPEC_VERSION, description="spec format version")
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
@@ -356,7 +349,8 @@ class EvaluationSpec(StrictModel):
     shard_size: int = Field(50, ge=1, le=100_000, description="samples per shard (one sandbox each)")
     agentic: bool = Field(False, description="let the model run shell commands in its workspace (tool loop)")
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
-    safety: SafetyLimits = Field(default_factory=SafetyLimits)
+    safety: SafetyPolicy = Field(default_factory=SafetyPolicy, description="what is watched and what a "
+                                 "violation does (strict by default)")
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
 
     @model_validator(mode="before")

@@ -32,6 +32,7 @@ from cluster.storage import StorageError, is_s3, presigned_url, read_bytes
 from eval_actors.control_plane import BUS, SCHEDULER
 from proctor.settings import Settings
 from proctor.spec import EvaluationSpec, parse_spec
+from safety.incident import report_markdown
 
 from .auth import Authenticator, Principal
 from .errors import ApiError, install
@@ -408,11 +409,40 @@ def build_app(settings: Settings) -> FastAPI:
                         headers={"Content-Disposition": f'attachment; filename="{name}"',
                                  "X-Content-Type-Options": "nosniff"})
 
-    @app.get("/api/v1/evaluations/{eval_id}/incidents", tags=["safety"])
-    async def get_incidents(eval_id: str, who: Principal = Depends(caller)) -> dict[str, Any]:
+    @app.get("/api/v1/evaluations/{eval_id}/incidents", tags=["safety"],
+             responses={200: {"content": {"application/json": {}, "text/markdown": {}}}})
+    async def get_incidents(eval_id: str, format: Literal["json", "markdown"] = Query("json"),
+                            who: Principal = Depends(caller)) -> Any:
+        """The evaluation's safety incidents (rule, severity, action, evidence, timeline,
+        resource trace), as JSON or as a Markdown report."""
         await readable(eval_id, who)
-        found = await asyncio.to_thread(store.incidents, eval_id)
-        return {"id": eval_id, "incidents": [i.__dict__ for i in found]}
+        found = [{**i.__dict__, "created_at": i.created_at.isoformat()}
+                 for i in await asyncio.to_thread(store.incidents, eval_id, 1000)]
+        if format == "markdown":
+            return Response(report_markdown(eval_id, found), media_type="text/markdown; charset=utf-8")
+        return {"id": eval_id, "incidents": found}
+
+    @app.get("/api/v1/evaluations/{eval_id}/quarantine", response_model=ArtifactList, tags=["safety"])
+    async def list_quarantine(eval_id: str, who: Principal = Depends(caller)) -> ArtifactList:
+        """What a safety stop moved aside: the stopped shards' rows, artifacts and reports
+        (safety and admin roles only)."""
+        who.require("safety", "reading quarantined outputs")
+        await readable(eval_id, who)
+        found = await asyncio.to_thread(results.quarantined, eval_id)
+        return ArtifactList(id=eval_id, artifacts=[Artifact(path=p, size=n) for p, n, _ in found])
+
+    @app.get("/api/v1/evaluations/{eval_id}/quarantine/{path:path}", tags=["safety"], response_class=Response,
+             responses={200: {"content": {"application/octet-stream": {}}, "description": "the file"}})
+    async def download_quarantined(eval_id: str, path: str, who: Principal = Depends(caller)) -> Response:
+        """One quarantined file (safety and admin roles only), as an opaque download."""
+        who.require("safety", "reading quarantined outputs")
+        await readable(eval_id, who)
+        found = {p: uri for p, _, uri in await asyncio.to_thread(results.quarantined, eval_id)}
+        if path not in found:
+            raise ApiError(404, "not_found", f"evaluation {eval_id} has no quarantined file {path!r}")
+        data = await asyncio.to_thread(read_bytes, found[path], settings, MAX_ARTIFACT_DOWNLOAD)
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": "attachment", "X-Content-Type-Options": "nosniff"})
 
     # ------------------------------------------------------------ tokens
 

@@ -204,6 +204,11 @@ class ProcessSandbox(Sandbox):
         if self._killing is None:
             self._killing = asyncio.ensure_future(self.kill(reason, detail))
 
+    @property
+    def output_bytes(self) -> int:
+        """Bytes the sandbox has written so far (stdout and stderr)."""
+        return self._output
+
     def _count_output(self, n: int) -> bool:
         self._output += n
         if self._output > self.request.limits.output_cap_bytes:

@@ -1,0 +1,132 @@
+"""The safety guard of one running shard: its monitors, its text rules, and the stop.
+
+The shard executor creates one per sandbox. Text (log lines, tool commands, model
+generations, outputs) is checked as it passes (`observe`); the monitors are polled every
+`interval` seconds (at most one). The first `stop` violation calls `on_stop` at once (the
+executor kills the sandbox); every violation is kept, bounded, for the incident.
+
+Fail closed: a monitor that raises, or does not answer within `MONITOR_TIMEOUT_S`, is a
+`watchdog` violation that stops the shard; a shard is never left unwatched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from proctor.policy import SafetyPolicy
+
+from .monitors import Monitor, ResourceMonitor
+from .rules import RuleSet
+from .violations import Violation
+
+log = logging.getLogger("proctor.safety")
+
+MAX_INTERVAL_S = 1.0
+MONITOR_TIMEOUT_S = 2.0
+MAX_KEPT = 100
+
+
+class SafetyGuard:
+    def __init__(self, policy: SafetyPolicy, monitors: list[Monitor],
+                 on_stop: Callable[[Violation], Awaitable[None]], interval: float = 0.5,
+                 rules: RuleSet | None = None):
+        self.policy = policy
+        self.monitors = monitors
+        self.rules = rules if rules is not None else RuleSet.of(policy)
+        self.on_stop = on_stop
+        self.interval = min(interval, MAX_INTERVAL_S)
+        self.violations: list[Violation] = []
+        self.dropped = 0
+        self.stopped: Violation | None = None
+        self.stopped_at: float | None = None  # monotonic, when on_stop returned (the sandbox is dead)
+        self.killed_at: float | None = None  # the same, wall clock
+        self._stopping: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.started = time.time()
+
+    # ------------------------------------------------------------ text
+
+    def observe(self, source: str, text: str) -> list[Violation]:
+        """Check a text as it passes; returns what it broke (a `stop` is already acted on)."""
+        found = self.rules.check(source, text)
+        for v in found:
+            self.report(v)
+        return found
+
+    def blocks(self, found: list[Violation]) -> bool:
+        return any(v.action == "stop" for v in found)
+
+    # ------------------------------------------------------------ reporting
+
+    def report(self, v: Violation) -> None:
+        if len(self.violations) < MAX_KEPT:
+            self.violations.append(v)
+        else:
+            self.dropped += 1
+        log.warning("safety %s/%s (%s): %s", v.monitor, v.rule, v.action, v.message)
+        if v.action == "stop" and self.stopped is None:
+            self.stopped = v
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(v))
+
+    async def _stop(self, v: Violation) -> None:
+        try:
+            await self.on_stop(v)
+        finally:
+            self.stopped_at, self.killed_at = time.monotonic(), time.time()
+
+    async def wait_stopped(self) -> None:
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+
+    # ------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._stopping is not None:
+            await asyncio.gather(self._stopping, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while self.stopped is None:
+            for monitor in self.monitors:
+                try:
+                    found = await asyncio.wait_for(monitor.check(), MONITOR_TIMEOUT_S)
+                except asyncio.CancelledError:
+                    raise
+                except asyncio.TimeoutError:
+                    found = [Violation("watchdog", monitor.name, "stop",
+                                       f"monitor {monitor.name} did not answer within {MONITOR_TIMEOUT_S:g} s; "
+                                       "the shard is stopped rather than left unwatched")]
+                except Exception as exc:
+                    found = [Violation("watchdog", monitor.name, "stop",
+                                       f"monitor {monitor.name} failed; the shard is stopped rather than left "
+                                       f"unwatched", (f"{type(exc).__name__}: {exc}",))]
+                for v in found:
+                    self.report(v)
+            await asyncio.sleep(self.interval)
+
+    # ------------------------------------------------------------ the record
+
+    def trace(self) -> list[dict[str, Any]]:
+        for m in self.monitors:
+            if isinstance(m, ResourceMonitor):
+                return list(m.trace)
+        return []
+
+    def summary(self) -> dict[str, Any]:
+        return {"violations": [v.as_dict() for v in self.violations], "dropped": self.dropped,
+                "stopped_by": self.stopped.as_dict() if self.stopped else None, "killed_at": self.killed_at,
+                "started_at": self.started,
+                "kill_s": (round(self.stopped_at - self.stopped.detected, 4)
+                           if self.stopped is not None and self.stopped_at is not None else None)}

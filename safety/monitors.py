@@ -1,0 +1,98 @@
+"""Monitors: each checks one thing about a running sandbox, on its own, when asked.
+
+A monitor's `check()` returns the violations it sees now. It is given plain callables
+(not a runtime object), so each is testable alone and `safety/` needs nothing of the
+layers above it. `SafetyGuard` (guard.py) calls them at least every second.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from proctor.policy import ResourceWatch
+
+from .violations import Violation
+
+Sample = dict[str, float | None]  # metric -> value now (None: unknown)
+
+UNITS = {"memory": "bytes", "pids": "processes", "cpu_s": "CPU seconds", "disk": "bytes", "output": "bytes"}
+TRACE_KEEP = 600  # resource samples kept per shard (at 0.5 s: the last 5 minutes)
+
+
+class Monitor(ABC):
+    name: str = "monitor"
+
+    @abstractmethod
+    async def check(self) -> list[Violation]: ...
+
+
+class ResourceMonitor(Monitor):
+    """Memory, processes, CPU seconds, workspace disk and output volume against limits.
+
+    Crossing `warn_at` of a limit records an early warning (once per metric); reaching the
+    limit is a violation with the policy's action (once per metric). `trace` keeps the
+    samples for the incident report."""
+
+    name = "resources"
+
+    def __init__(self, sample: Callable[[], Awaitable[Sample]], limits: dict[str, float], watch: ResourceWatch):
+        self.sample = sample
+        self.limits = {k: v for k, v in limits.items() if v}
+        self.watch = watch
+        self.warned: set[str] = set()
+        self.broken: set[str] = set()
+        self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_KEEP)
+        self.peak: dict[str, float] = {}
+
+    async def check(self) -> list[Violation]:
+        now = await self.sample()
+        self.trace.append({"t": round(time.time(), 3), **{k: v for k, v in now.items() if v is not None}})
+        found = []
+        for metric, limit in self.limits.items():
+            value = now.get(metric)
+            if value is None:
+                continue
+            self.peak[metric] = max(self.peak.get(metric, 0.0), value)
+            share = value / limit
+            # the kernel enforces memory and pids at the limit itself: a sandbox at 98% is at it
+            at_limit = share >= (0.98 if metric in ("memory", "pids") else 1.0)
+            unit = UNITS.get(metric, "")
+            if at_limit and metric not in self.broken:
+                self.broken.add(metric)
+                found.append(Violation(self.name, metric, self.watch.action,
+                                       f"{metric} reached its limit: {value:.0f} of {limit:.0f} {unit}",
+                                       (f"{metric}={value:.0f} limit={limit:.0f}",)))
+            elif share >= self.watch.warn_at and metric not in self.warned and metric not in self.broken:
+                self.warned.add(metric)
+                found.append(Violation(self.name, f"{metric}-warning", "record",
+                                       f"{metric} at {share:.0%} of its limit ({value:.0f} of {limit:.0f} {unit})",
+                                       (f"{metric}={value:.0f} limit={limit:.0f}",)))
+        return found
+
+
+def disk_usage(root: Path, stop_after: int | None = None) -> int:
+    """Bytes in the files under `root` (no symlinks followed); stops counting past `stop_after`."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for e in entries:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(e.path)
+                        elif e.is_file(follow_symlinks=False):
+                            total += e.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        continue
+                    if stop_after is not None and total > stop_after:
+                        return total
+        except OSError:
+            continue
+    return total
