@@ -72,8 +72,19 @@ def postgres_url():  # noqa: ANN201 - Iterator[str]
 
 
 @pytest.fixture(scope="session")
-def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - Iterator[ControlPlane]
-    """The session's one Ray cluster (tests/raycluster.py) with the control plane on it."""
+def webhook():  # noqa: ANN201 - Iterator[WebhookReceiver]
+    """A webhook receiver on 127.0.0.1 (tests/webhook.py); the session's control plane alerts it."""
+    from webhook import WebhookReceiver
+
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory, webhook):  # noqa: ANN001, ANN201
+    """The session's one Ray cluster (tests/raycluster.py) with the control plane on it;
+    its supervisors send safety alerts to the `webhook` receiver."""
     import ray
 
     from eval_actors import control_plane
@@ -84,7 +95,8 @@ def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa
     results = tmp_path_factory.mktemp("cp-results")
     cluster = start_cluster(dashboard_port=free_port())
     ray.init(address=cluster.address, namespace="proctor-test", logging_level="ERROR", log_to_driver=False)
-    settings = cluster_settings(home, results.as_uri(), f"sqlite:///{home}/state.db")
+    settings = cluster_settings(home, results.as_uri(), f"sqlite:///{home}/state.db").model_copy(
+        update={"alert_webhooks": [webhook.url]})
     try:
         yield control_plane.start(settings, runtime_factory=RUNTIMES)
     finally:
