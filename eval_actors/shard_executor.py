@@ -31,9 +31,12 @@ from cluster.runtimes import LaunchRequest, SandboxError, SandboxExit, SandboxLi
 from cluster.runtimes.layout import SANDBOX_USER, harness_layout
 from proctor.protocol import Cancel, Rejection, ShardMessage, ShardSample, encode
 from proctor.spec import EvaluationSpec, Sample
+from safety.canaries import CANARIES
+from safety.canaries import PATHS as CANARY_PATHS
 from safety.guard import SafetyGuard
 from safety.monitors import ResourceMonitor, disk_usage
 from safety.rules import RuleSet
+from safety.syscalls import SyscallMonitor
 from safety.violations import Violation
 
 from .gateway import GatewayCall, ModelGateway
@@ -44,7 +47,7 @@ MAX_ARTIFACT_BYTES = 16 * 1024**2
 MAX_ARTIFACTS_TOTAL = 64 * 1024**2
 CANCEL_GRACE_S = 2.0
 LIMIT_REFUSALS = ("model-call limit", "token limit", "cost limit")  # the gateway's refusals (gateway.py)
-GUARD_INTERVAL_S = 0.5  # monitors are polled this often (the policy's text rules act at once)
+GUARD_INTERVAL_S = 0.2  # monitors are polled this often (the policy's text rules act at once)
 
 
 class StopSignal(asyncio.Event):
@@ -155,7 +158,7 @@ class ShardExecutor:
         run = _Run(work, {(str(s.id), e): s for e in work.epochs for s in work.samples}, on_record=on_record)
         sandbox = None
         try:
-            _make_workspace(workspace, spec.sandbox.files)
+            _make_workspace(workspace, {**(CANARIES if spec.safety.canaries else {}), **spec.sandbox.files})
             request = LaunchRequest(
                 sandbox_id=sid,
                 argv=self.layout.argv(),
@@ -167,6 +170,7 @@ class ShardExecutor:
                 ),
                 env=self.layout.env,
                 ro_binds=self.layout.ro_binds,
+                trace_syscalls=_traced(spec.safety),
             )
             try:
                 sandbox = await self.runtime.launch(request)
@@ -186,6 +190,7 @@ class ShardExecutor:
                         on_event(event)
                 exit_ = await sandbox.wait()
                 self._limit_hit(run.guard, exit_)
+                await run.guard.sweep()
                 await run.guard.wait_stopped()
             finally:
                 if watcher is not None:
@@ -227,6 +232,10 @@ class ShardExecutor:
         resource_limits = {"memory": limits.memory_bytes, "pids": limits.pids, "disk": limits.disk_bytes,
                            "output": limits.output_cap_bytes, "cpu_s": policy.resources.max_cpu_s}
         monitors: list[Any] = [ResourceMonitor(sample, resource_limits, policy.resources)]
+        trace_log = getattr(sandbox, "trace_log", None)
+        if trace_log is not None:
+            monitors.append(SyscallMonitor(trace_log, list(request.trace_syscalls), policy.syscalls.action,
+                                           CANARY_PATHS if policy.canaries else [], policy.canary_action))
         return SafetyGuard(policy, monitors, stop, interval=GUARD_INTERVAL_S, rules=self._rules(policy))
 
     @staticmethod
@@ -407,6 +416,13 @@ class ShardExecutor:
             model_calls=run.model_calls, model_tokens=run.model_tokens,
             safety=({**run.guard.summary(), "trace": run.guard.trace()} if run.guard is not None else {}),
         )
+
+
+def _traced(policy: Any) -> tuple[str, ...]:
+    """The syscalls to trace: the policy's, and `openat` to see canaries and writes."""
+    if not policy.syscalls.enabled:
+        return ("openat",) if policy.canaries else ()
+    return tuple(dict.fromkeys([*policy.syscalls.syscalls, "openat"]))
 
 
 def _command_text(tool_call: Any) -> str:

@@ -116,6 +116,19 @@ class SafetyGuard:
                     self.report(v)
             await asyncio.sleep(self.interval)
 
+    async def sweep(self) -> None:
+        """After the sandbox ended: the monitors that read a record (`sweeps`) read the
+        rest of it, so that what it did just before ending is not missed."""
+        for monitor in self.monitors:
+            if getattr(monitor, "sweeps", False):
+                try:
+                    found = await asyncio.wait_for(monitor.check(), MONITOR_TIMEOUT_S)
+                except Exception as exc:  # the record could not be read: say so, fail closed
+                    found = [Violation("watchdog", monitor.name, "stop", f"monitor {monitor.name} failed at the "
+                                       "end of the shard", (f"{type(exc).__name__}: {exc}",))]
+                for v in found:
+                    self.report(v)
+
     # ------------------------------------------------------------ the record
 
     def trace(self) -> list[dict[str, Any]]:

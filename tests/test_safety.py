@@ -87,7 +87,7 @@ def test_resource_monitor_warns_early_then_stops_once() -> None:
     async def sample() -> dict[str, float | None]:
         return next(values)
 
-    monitor = ResourceMonitor(sample, {"memory": 100.0, "pids": 0}, ResourceWatch(warn_at=0.8))
+    monitor = ResourceMonitor(sample, {"memory": 100.0, "pids": 0}, ResourceWatch(warn_at=0.8), every=0)
     seen = [asyncio.run(monitor.check()) for _ in range(5)]
     assert [[(v.rule, v.action) for v in s] for s in seen] == \
         [[], [("memory-warning", "record")], [], [("memory", "stop")], []]

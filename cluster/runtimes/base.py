@@ -64,6 +64,7 @@ class LaunchRequest:
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     env: tuple[tuple[str, str], ...] = ()
     ro_binds: tuple[tuple[str, str], ...] = ()
+    trace_syscalls: tuple[str, ...] = ()  # traced where the runtime can (gVisor: `runsc --strace`)
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,11 @@ class ProcessSandbox(Sandbox):
     def _kill_soon(self, reason: ExitReason, detail: str) -> None:
         if self._killing is None:
             self._killing = asyncio.ensure_future(self.kill(reason, detail))
+
+    @property
+    def trace_log(self) -> Path | None:
+        """Where the runtime writes the traced syscalls of `trace_syscalls`; None if it cannot."""
+        return None
 
     @property
     def output_bytes(self) -> int:

@@ -56,9 +56,21 @@ class GvisorSandbox(ProcessSandbox):
             "--root", str(self.rt.state),
             f"--platform={self.rt.platform}",
             "--network=none",
+            *self._trace_flags(),
             *self.rt.extra_flags,
             "run", "--bundle", str(self.bundle), self.id,
         ]
+
+    def _trace_flags(self) -> list[str]:
+        if not self.request.trace_syscalls:
+            return []
+        # runsc names its debug logs by command: the sandbox's (the Sentry's) is debug.boot.log
+        return ["--strace", f"--strace-syscalls={','.join(self.request.trace_syscalls)}",
+                f"--debug-log={self.bundle}/debug.%COMMAND%.log"]
+
+    @property
+    def trace_log(self) -> Path | None:
+        return self.bundle / "debug.boot.log" if self.request.trace_syscalls else None
 
     def prepare(self) -> None:
         req = self.request
