@@ -68,6 +68,7 @@ async def run_evaluation(
     gateway: ModelGateway | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     cancel: asyncio.Event | None = None,
+    monitored: bool = True,
 ) -> EvaluationResult:
     """Run `spec` to completion. Raises `RuntimeUnavailable` (no sandbox: nothing runs),
     `SpecError` (bad dataset rows) and `StorageError`; a failing shard is an outcome."""
@@ -82,7 +83,7 @@ async def run_evaluation(
     shards = split_shards(eval_id, spec, samples)
     own_gateway = gateway is None
     gateway = gateway or OpenAIGateway(secret=settings.secret)
-    executor = ShardExecutor(runtime, gateway, settings.sandbox_dir, rescore=rescore_outside)
+    executor = ShardExecutor(runtime, gateway, settings.sandbox_dir, rescore=rescore_outside, monitored=monitored)
     total = sum(s.units for s in shards)
     done = 0
     limit = asyncio.Semaphore(settings.max_concurrent_shards or os.cpu_count() or 1)

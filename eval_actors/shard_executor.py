@@ -136,7 +136,10 @@ class _Run:
 
 class ShardExecutor:
     def __init__(self, runtime: SandboxRuntime, gateway: ModelGateway, sandbox_dir: Path,
-                 rescore: Callable[[Any, str, Sample], dict[str, float]] | None = None):
+                 rescore: Callable[[Any, str, Sample], dict[str, float]] | None = None, monitored: bool = True):
+        # `monitored=False` runs without the safety policy's monitors and rules: ONLY the
+        # baseline of benchmarks/safety_stop.py; the platform never turns them off
+        self.monitored = monitored
         self.runtime = runtime
         self.gateway = gateway
         self.sandbox_dir = sandbox_dir
@@ -158,7 +161,8 @@ class ShardExecutor:
         run = _Run(work, {(str(s.id), e): s for e in work.epochs for s in work.samples}, on_record=on_record)
         sandbox = None
         try:
-            _make_workspace(workspace, {**(CANARIES if spec.safety.canaries else {}), **spec.sandbox.files})
+            canaries = CANARIES if spec.safety.canaries and self.monitored else {}
+            _make_workspace(workspace, {**canaries, **spec.sandbox.files})
             request = LaunchRequest(
                 sandbox_id=sid,
                 argv=self.layout.argv(),
@@ -170,7 +174,7 @@ class ShardExecutor:
                 ),
                 env=self.layout.env,
                 ro_binds=self.layout.ro_binds,
-                trace_syscalls=_traced(spec.safety),
+                trace_syscalls=_traced(spec.safety) if self.monitored else (),
             )
             try:
                 sandbox = await self.runtime.launch(request)
@@ -229,6 +233,8 @@ class ShardExecutor:
             except asyncio.TimeoutError:
                 log.error("sandbox %s not dead 10 s after a safety stop", request.sandbox_id)
 
+        if not self.monitored:
+            return SafetyGuard(policy, [], stop, interval=GUARD_INTERVAL_S, rules=RuleSet([]))
         resource_limits = {"memory": limits.memory_bytes, "pids": limits.pids, "disk": limits.disk_bytes,
                            "output": limits.output_cap_bytes, "cpu_s": policy.resources.max_cpu_s}
         monitors: list[Any] = [ResourceMonitor(sample, resource_limits, policy.resources)]

@@ -46,6 +46,7 @@ class SafetyGuard:
         self.killed_at: float | None = None  # the same, wall clock
         self._stopping: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self.started = time.time()
 
     # ------------------------------------------------------------ text
@@ -88,17 +89,15 @@ class SafetyGuard:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def close(self) -> None:
+        self._closed = True  # also ends a loop whose cancellation `wait_for` swallowed (Python 3.11)
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._task}, timeout=MONITOR_TIMEOUT_S + 1)
         if self._stopping is not None:
             await asyncio.gather(self._stopping, return_exceptions=True)
 
     async def _loop(self) -> None:
-        while self.stopped is None:
+        while self.stopped is None and not self._closed:
             for monitor in self.monitors:
                 try:
                     found = await asyncio.wait_for(monitor.check(), MONITOR_TIMEOUT_S)
