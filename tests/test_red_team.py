@@ -110,3 +110,45 @@ def test_the_network_is_unreachable_and_the_attempt_is_stopped(settings: Setting
         thread.join()
         listener.close()
     assert accepted == []  # no connection ever reached the host
+
+
+def test_a_model_greedy_for_tokens_is_stopped_at_the_gateway(settings: Settings, gvisor: GvisorRuntime,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test double of an OpenAI-compatible provider on 127.0.0.1 whose every answer costs
+    5,000 tokens; the policy allows 6,000: the second call is refused and the shard stopped."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: list[int] = []
+
+    class Greedy(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(1)
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "more"}}],
+                               "usage": {"prompt_tokens": 4000, "completion_tokens": 1000}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Greedy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PROCTOR_TEST_KEY", "sk-test")
+    try:
+        spec = parse_spec({
+            "name": "greedy", "model": {"adapter": "openai", "model": "m", "api_key_env": "PROCTOR_TEST_KEY",
+                                        "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1"},
+            "dataset": {"samples": [{"id": str(i), "input": "go on", "target": "x"} for i in range(4)]},
+            "scorers": [{"type": "exact"}], "sandbox": {"runtime": "gvisor"}, "safety": {"max_tokens": 6000}})
+        safety = _stopped_by(asyncio.run(run_evaluation(spec, settings, runtime=gvisor)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (safety["stopped_by"]["monitor"], safety["stopped_by"]["rule"]) == ("usage", "token")
+    assert len(calls) == 2  # 5,000 tokens, then 10,000: the third call was refused before the provider
