@@ -12,7 +12,8 @@ __all__ = ["EvaluationSpec", "SpecError", "load_spec", "parse_spec", "__version_
 __version__ = "0.1.0"
 
 _LAZY = {"EvaluationSpec": "proctor.spec", "SpecError": "proctor.spec", "load_spec": "proctor.spec",
-         "parse_spec": "proctor.spec"}
+         "parse_spec": "proctor.spec", "Client": "proctor.client", "AsyncClient": "proctor.client",
+         "ProctorError": "proctor.client"}
 
 
 def __getattr__(name: str) -> Any:

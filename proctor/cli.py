@@ -6,9 +6,13 @@ Exit codes a script can rely on:
   2  bad input: an invalid spec, setting or argument (nothing was changed)
   3  no sandbox runtime can run here (nothing was run)
   4  a store could not be read or written
+  5  the platform's API could not be reached, or could not answer (down, 5xx, rate limited)
+  6  the API refused the token (missing, unknown, revoked: 401) or its role (403)
   130 interrupted
 
-Commands that need the platform (`run`, and later `up`, `down`) are contributed by the
+The commands that talk to a running platform over HTTP (`submit`, `list`, `status`,
+`logs`, `stop`, `results`, `token`) are in `commands.py`, through `proctor.Client`.
+Commands that need the platform's internals (`run`, `up`, `down`) are contributed by the
 lower layers through the `proctor.commands` entry-point group, so this module imports
 nothing of them.
 """
@@ -24,6 +28,7 @@ from typing import Any
 from .spec import SpecError, load_spec, spec_json_schema
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_RUNTIME, EXIT_STORAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_UNAVAILABLE, EXIT_DENIED = 5, 6
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -57,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_validate)
+    from . import commands
+
+    commands.register(sub)
     for ep in sorted(entry_points(group="proctor.commands"), key=lambda e: e.name):
         ep.load()(sub)
     return parser

@@ -1,4 +1,5 @@
-"""`proctor up`, `proctor down` and `proctor submit`: the embedded platform from the shell.
+"""`proctor up` and `proctor down`: the embedded platform from the shell. (`proctor submit`
+and the other commands that use it are in `proctor.commands`, over HTTP.)
 
 Registered with the `proctor` CLI through the `proctor.commands` entry-point group.
 """
@@ -9,9 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from proctor.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, print_json
+from proctor.cli import EXIT_BAD_INPUT, EXIT_OK, print_json
 from proctor.settings import SettingsError, load_settings
-from proctor.spec import SpecError, load_spec
 
 
 def register_up(sub: Any) -> None:
@@ -24,15 +24,6 @@ def register_down(sub: Any) -> None:
     p = sub.add_parser("down", help="stop the embedded platform (state and results stay)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_down)
-
-
-def register_submit(sub: Any) -> None:
-    p = sub.add_parser("submit", help="submit evaluation specs to the running platform")
-    p.add_argument("spec", nargs="+")
-    p.add_argument("--wait", action="store_true", help="wait for the results and print them")
-    p.add_argument("--owner", default="local", help="user the evaluations belong to")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_submit)
 
 
 def _settings() -> Any:
@@ -70,60 +61,3 @@ def _down(args: argparse.Namespace) -> int:
     else:
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return EXIT_OK
-
-
-def _submit(args: argparse.Namespace) -> int:
-    from .platform import attach
-
-    settings = _settings()
-    try:
-        specs = [load_spec(p) for p in args.spec]
-    except SpecError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_BAD_INPUT
-    plane = attach(settings)
-    ids = [plane.submit(spec, owner=args.owner) for spec in specs]
-    if not args.wait:
-        if args.json:
-            print_json([{"eval_id": i, "status": "queued"} for i in ids])
-        else:
-            for path, i in zip(args.spec, ids):
-                print(f"{i}  queued  {path}")
-        return EXIT_OK
-    finals = [_wait(plane, i, show=not args.json) for i in ids]
-    if args.json:
-        print_json([_as_dict(ev) for ev in finals])
-    else:
-        from eval_actors.commands import print_summary
-
-        for ev in finals:
-            print_summary(ev.summary or {"name": ev.name, "metrics": {}}, ev.id, ev.status, ev.results_uri, ev.error)
-    return EXIT_OK if all(ev.status == "succeeded" for ev in finals) else EXIT_FAILED
-
-
-def _wait(plane: Any, eval_id: str, show: bool) -> Any:
-    if not show:
-        return plane.wait(eval_id)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    done: dict[str, int] = {}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[status]}"), TimeElapsedColumn()) as bar:
-        task = bar.add_task(eval_id, total=None, status="queued")
-
-        def progress(ev: Any, events: list[dict]) -> None:
-            for e in events:
-                if e["type"] == "progress":
-                    done[e["shard_id"]] = e["done"]
-            bar.update(task, completed=sum(done.values()), total=ev.total_units, status=ev.status,
-                       description=ev.name)
-
-        final = plane.wait(eval_id, on_progress=progress)
-        bar.update(task, completed=final.total_units, total=final.total_units, status=final.status)
-    return final
-
-
-def _as_dict(ev: Any) -> dict[str, Any]:
-    return {"eval_id": ev.id, "name": ev.name, "status": ev.status, "summary": ev.summary,
-            "results_uri": ev.results_uri, "error": ev.error}
-
