@@ -82,39 +82,7 @@ def print_result(r: EvaluationResult) -> None:
 
 def print_summary(s: dict[str, Any], eval_id: str, status: str, results_uri: str | None,
                   error: str | None = None) -> None:
-    """The results table of one evaluation, and where its Parquet is."""
-    from rich.console import Console
-    from rich.table import Table
+    """The results table of one evaluation, and where its Parquet is (as the CLI prints it)."""
+    from proctor.commands import print_summary_of
 
-    console = Console()
-    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(status, "red")
-    table = Table(title=f"[bold]{s.get('name', eval_id)}[/]  [{colour}]{status}[/]", caption=eval_id,
-                  title_justify="left", caption_justify="left")
-    for col in ("scorer", "mean", "95% CI", "n"):
-        table.add_column(col, justify="left" if col == "scorer" else "right")
-    for name, m in s.get("metrics", {}).items():
-        ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["mean"] is not None else "-"
-        table.add_row(name, f"{m['mean']:.3f}" if m["mean"] is not None else "-", ci, str(m["n"]))
-    console.print(table)
-    groups = s.get("groups") or {}
-    if groups:
-        first = next(iter(s.get("metrics", {})), None)
-        parts = [f"{g} {v['metrics'][first]['mean']:.3f} (n={v['samples']})" for g, v in groups.items()
-                 if first and v["metrics"].get(first, {}).get("mean") is not None]
-        console.print(f"by group ({first}): " + "   ".join(parts))
-    if "samples" in s:
-        weak = " (weaker isolation)" if "weak" in s.get("isolation", []) else ""
-        shards = s.get("shards", {})
-        console.print(
-            f"samples {s['samples']}  errors {s['errors']}  shards {shards.get('total', '?')} "
-            f"({shards.get('failed', 0)} failed)  runtime {', '.join(s.get('runtimes', []))}{weak}  "
-            f"{s.get('duration_s', 0):.1f}s"
-        )
-    for err in ([error] if error else s.get("shard_errors", []))[:3]:
-        console.print(f"[red]error:[/] {err}")
-    if results_uri:
-        console.print(f"results: {_local(results_uri)}")
-
-
-def _local(uri: str) -> str:
-    return uri.removeprefix("file://")
+    print_summary_of(s, eval_id, status, results_uri, error)

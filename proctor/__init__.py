@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EvaluationSpec", "SpecError", "load_spec", "parse_spec", "__version__"]
+__all__ = ["EvaluationSpec", "SpecError", "load_spec", "parse_spec", "Client", "AsyncClient", "ProctorError",
+           "__version__"]
 __version__ = "0.1.0"
 
 _LAZY = {"EvaluationSpec": "proctor.spec", "SpecError": "proctor.spec", "load_spec": "proctor.spec",

@@ -205,21 +205,27 @@ def _follow(client: Client, ids: list[str]) -> list[Evaluation]:
 
 
 def print_summary(ev: Evaluation) -> None:
-    """The results table of one evaluation (metrics with 95% CIs per scorer), and where its
-    Parquet is: the same form as `proctor run` prints."""
+    """The results table of one evaluation from the API: see `print_summary_of`."""
+    print_summary_of(ev.summary or {"name": ev.name, "metrics": {}}, ev.id, ev.status, ev.results_uri, ev.error,
+                     name=ev.name, total_shards=ev.total_shards)
+
+
+def print_summary_of(s: dict[str, Any], eval_id: str, status: str, results_uri: str | None,
+                     error: str | None = None, *, name: str | None = None, total_shards: int | None = None) -> None:
+    """The results table of one evaluation's summary (metrics with 95% CIs per scorer),
+    and where its Parquet is; `proctor run` prints the same."""
     from rich.table import Table
 
     console = _console()
-    s = ev.summary or {"name": ev.name, "metrics": {}}
-    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(ev.status, "red")
-    table = Table(title=f"[bold]{s.get('name') or ev.name or ev.id}[/]  [{colour}]{ev.status}[/]", caption=ev.id,
+    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(status, "red")
+    table = Table(title=f"[bold]{s.get('name') or name or eval_id}[/]  [{colour}]{status}[/]", caption=eval_id,
                   title_justify="left", caption_justify="left")
     for col in ("scorer", "mean", "95% CI", "n"):
         table.add_column(col, justify="left" if col == "scorer" else "right")
-    for name, m in s.get("metrics", {}).items():
+    for scorer, m in s.get("metrics", {}).items():
         known = m.get("mean") is not None
         ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if known and m.get("ci_low") is not None else "-"
-        table.add_row(name, f"{m['mean']:.3f}" if known else "-", ci, str(m.get("n", "")))
+        table.add_row(scorer, f"{m['mean']:.3f}" if known else "-", ci, str(m.get("n", "")))
     console.print(table)
     groups = s.get("groups") or {}
     first = next(iter(s.get("metrics", {})), None)
@@ -231,13 +237,13 @@ def print_summary(ev: Evaluation) -> None:
         weak = " (weaker isolation)" if "weak" in s.get("isolation", []) else ""
         shards = s.get("shards", {})
         console.print(
-            f"samples {s['samples']}  errors {s.get('errors', 0)}  shards {shards.get('total', ev.total_shards)} "
+            f"samples {s['samples']}  errors {s.get('errors', 0)}  shards {shards.get('total', total_shards or '?')} "
             f"({shards.get('failed', 0)} failed)  runtime {', '.join(s.get('runtimes', []))}{weak}  "
             f"{s.get('duration_s', 0):.1f}s", highlight=False)
-    for err in ([ev.error] if ev.error else s.get("shard_errors", []))[:3]:
+    for err in ([error] if error else s.get("shard_errors", []))[:3]:
         console.print(f"[red]error:[/] {err}", highlight=False)
-    if ev.results_uri:
-        console.print(f"results: {ev.results_uri.removeprefix('file://')}", highlight=False, soft_wrap=True)
+    if results_uri:
+        console.print(f"results: {results_uri.removeprefix('file://')}", highlight=False, soft_wrap=True)
 
 
 def _list(client: Client, args: argparse.Namespace) -> int:

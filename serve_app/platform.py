@@ -93,9 +93,26 @@ def up(settings: Settings) -> dict[str, Any]:
     info["api"] = settings.api_url
     info["docs"] = f"{settings.api_url}/docs"
     info["token_file"] = str(ensure_admin_token(settings))
+    _wait_ready(settings.api_url)
     info.update({"state": settings.state, "results": settings.results, "started_at": time.time()})
     _state_file(settings).write_text(json.dumps(info, indent=2))
     return info
+
+
+def _wait_ready(api_url: str, timeout: float = 120.0) -> None:
+    """Until the API answers ready (Serve's proxy starts listening a moment after `serve.run`)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{api_url}/api/v1/health", timeout=5).json().get("ready"):
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the API at {api_url} was not ready after {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def ensure_admin_token(settings: Settings) -> Path:

@@ -20,7 +20,8 @@ def test_import_contracts_hold() -> None:
 
 
 def test_public_face_is_declared() -> None:
-    assert proctor.__all__ == ["EvaluationSpec", "SpecError", "load_spec", "parse_spec", "__version__"]
+    assert proctor.__all__ == ["EvaluationSpec", "SpecError", "load_spec", "parse_spec", "Client", "AsyncClient",
+                               "ProctorError", "__version__"]
     for name in proctor.__all__:
         assert getattr(proctor, name) is not None
 
