@@ -74,6 +74,7 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from procstat import cpu_seconds
 
 GOAL_RATIO = 0.5
 GOAL_P99_MS = 100.0
@@ -251,15 +252,6 @@ def wait_ready(base: str, timeout: float = 120.0) -> None:
 
 
 # ---------------------------------------------------------------- CPU accounting
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def host_busy() -> tuple[float, float]:

@@ -65,6 +65,7 @@ from cluster.runtimes.simulated import SimulateRemoteRuntimes
 from eval_actors import control_plane
 from eval_actors.control_plane import AGGREGATOR, BUS, SCHEDULER, supervisor_names
 from proctor.settings import Settings
+from procstat import cpu_seconds
 
 SHARD_CPUS = 0.001
 SHARD_MEMORY = 64 * 1024**2
@@ -94,16 +95,6 @@ def rss(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def children(pid: int) -> list[int]:

@@ -44,6 +44,7 @@ from eval_actors.local_run import rescore_outside
 from eval_actors.shard_executor import ShardExecutor, ShardWork
 from proctor.settings import Settings
 from proctor.spec import parse_spec
+from procstat import cpu_seconds
 
 
 def spec_doc(i: int) -> dict[str, Any]:
@@ -104,15 +105,6 @@ def run_control_plane(plane: control_plane.ControlPlane, n: int,
                 steps[p].append((b - a).total_seconds())
     store.close()
     return took, makespan, statuses, {p: statistics.median(v) for p, v in steps.items() if v}
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def ray_cpu() -> dict[str, float]:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 from cluster.runtimes import SandboxRuntime
 from eval_actors.gateway import OpenAIGateway
 from eval_actors.local_run import run_evaluation
+from httpjson import QuietHandler
 from proctor.settings import Settings
 from proctor.spec import load_spec, parse_spec
 
@@ -86,7 +87,7 @@ def test_epochs_multiply_rows_and_summary_matches_pandas(runtime: SandboxRuntime
     assert result.summary["samples"] == 21
 
 
-class _FakeOpenAI(BaseHTTPRequestHandler):
+class _FakeOpenAI(QuietHandler):
     """A test double of an OpenAI-compatible provider on 127.0.0.1: answers arithmetic."""
 
     calls: list[dict[str, Any]] = []
@@ -100,17 +101,8 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             return
         question = body["messages"][-1]["content"]
         a, b = [int(x) for x in question.split("?")[0].split("+")]
-        reply = {"choices": [{"message": {"role": "assistant", "content": str(a + b)}}],
-                 "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.reply({"choices": [{"message": {"role": "assistant", "content": str(a + b)}}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1}})
 
 
 @pytest.fixture

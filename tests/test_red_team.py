@@ -116,26 +116,19 @@ def test_a_model_greedy_for_tokens_is_stopped_at_the_gateway(settings: Settings,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A test double of an OpenAI-compatible provider on 127.0.0.1 whose every answer costs
     5,000 tokens; the policy allows 6,000: the second call is refused and the shard stopped."""
-    import json
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer
+
+    from httpjson import QuietHandler
 
     calls: list[int] = []
 
-    class Greedy(BaseHTTPRequestHandler):
+    class Greedy(QuietHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             self.rfile.read(int(self.headers["Content-Length"]))
             calls.append(1)
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "more"}}],
-                               "usage": {"prompt_tokens": 4000, "completion_tokens": 1000}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
+            self.reply({"choices": [{"message": {"role": "assistant", "content": "more"}}],
+                        "usage": {"prompt_tokens": 4000, "completion_tokens": 1000}})
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Greedy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
