@@ -47,7 +47,9 @@ MAX_ARTIFACT_BYTES = 16 * 1024**2
 MAX_ARTIFACTS_TOTAL = 64 * 1024**2
 CANCEL_GRACE_S = 2.0
 LIMIT_REFUSALS = ("model-call limit", "token limit", "cost limit")  # the gateway's refusals (gateway.py)
-GUARD_INTERVAL_S = 0.2  # monitors are polled this often (the policy's text rules act at once)
+GUARD_INTERVAL_S = 0.25  # monitors are polled this often (the policy's text rules act at once)
+RESOURCE_EVERY_S = 0.5  # sandbox stats (gVisor: a `runsc events` call) at most this often
+DISK_EVERY_S = 1.0  # the workspace's disk use at most this often
 
 
 class StopSignal(asyncio.Event):
@@ -220,11 +222,15 @@ class ShardExecutor:
         limits = request.limits
         policy = spec.safety
 
+        disk = {"at": float("-inf"), "bytes": 0}
+
         async def sample() -> dict[str, float | None]:
             stats = await sandbox.stats()
-            disk = await asyncio.to_thread(disk_usage, request.workspace, 2 * limits.disk_bytes)
-            return {"memory": stats.memory_bytes, "pids": stats.pids, "cpu_s": stats.cpu_seconds, "disk": disk,
-                    "output": getattr(sandbox, "output_bytes", None)}
+            if time.monotonic() - disk["at"] >= DISK_EVERY_S:  # walking the workspace costs most
+                disk["at"] = time.monotonic()
+                disk["bytes"] = await asyncio.to_thread(disk_usage, request.workspace, 2 * limits.disk_bytes)
+            return {"memory": stats.memory_bytes, "pids": stats.pids, "cpu_s": stats.cpu_seconds,
+                    "disk": disk["bytes"], "output": getattr(sandbox, "output_bytes", None)}
 
         async def stop(v: Violation) -> None:
             await sandbox.kill("killed", f"safety: {v.monitor}/{v.rule}: {v.message}")
@@ -237,7 +243,7 @@ class ShardExecutor:
             return SafetyGuard(policy, [], stop, interval=GUARD_INTERVAL_S, rules=RuleSet([]))
         resource_limits = {"memory": limits.memory_bytes, "pids": limits.pids, "disk": limits.disk_bytes,
                            "output": limits.output_cap_bytes, "cpu_s": policy.resources.max_cpu_s}
-        monitors: list[Any] = [ResourceMonitor(sample, resource_limits, policy.resources)]
+        monitors: list[Any] = [ResourceMonitor(sample, resource_limits, policy.resources, every=RESOURCE_EVERY_S)]
         trace_log = getattr(sandbox, "trace_log", None)
         if trace_log is not None:
             monitors.append(SyscallMonitor(trace_log, list(request.trace_syscalls), policy.syscalls.action,

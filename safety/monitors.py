@@ -43,6 +43,8 @@ class ResourceMonitor(Monitor):
 
     def __init__(self, sample: Callable[[], Awaitable[Sample]], limits: dict[str, float], watch: ResourceWatch,
                  every: float = 0.5):
+        # `every` bounds the sampling: with thousands of shards per supervisor, sampling is
+        # what the guards cost
         self.sample = sample
         self.every = every  # sampling costs a little (gVisor: a `runsc events` call): at most this often
         self.last = float("-inf")

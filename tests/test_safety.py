@@ -130,7 +130,7 @@ def test_a_monitor_that_fails_stops_the_shard(monitor: Monitor, monkeypatch: pyt
 
         guard = SafetyGuard(SafetyPolicy(), [monitor], on_stop, interval=0.05)
         guard.start()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)
         await guard.close()
         return guard
 
