@@ -303,6 +303,14 @@ class _Calls:
         return _Call("GET", _ev(eval_id, "/incidents"), read=lambda r: r.json()["incidents"])
 
     @staticmethod
+    def recent_incidents(limit: int) -> _Call:
+        return _Call("GET", "/api/v1/incidents", params={"limit": limit}, read=lambda r: r.json()["incidents"])
+
+    @staticmethod
+    def me() -> _Call:
+        return _Call("GET", "/api/v1/me")
+
+    @staticmethod
     def cluster() -> _Call:
         return _Call("GET", "/api/v1/cluster")
 
@@ -585,6 +593,14 @@ class Client(_Base):
     def incidents(self, eval_id: str) -> builtins.list[dict[str, Any]]:
         return self._send(_Calls.incidents(eval_id))
 
+    def recent_incidents(self, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """The newest incidents of every evaluation the caller may read, newest first."""
+        return self._send(_Calls.recent_incidents(limit))
+
+    def me(self) -> dict[str, Any]:
+        """Who the token is: {"name", "role"}."""
+        return self._send(_Calls.me())
+
     def cluster(self) -> dict[str, Any]:
         """Capacity (CPUs, memory, GPUs by type, free and used) and the queue."""
         return self._send(_Calls.cluster())
@@ -765,6 +781,12 @@ class AsyncClient(_Base):
 
     async def incidents(self, eval_id: str) -> builtins.list[dict[str, Any]]:
         return await self._send(_Calls.incidents(eval_id))
+
+    async def recent_incidents(self, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        return await self._send(_Calls.recent_incidents(limit))
+
+    async def me(self) -> dict[str, Any]:
+        return await self._send(_Calls.me())
 
     async def cluster(self) -> dict[str, Any]:
         return await self._send(_Calls.cluster())

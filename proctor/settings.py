@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="Ray cluster to join; a local one is started if unset")
     ray_namespace: str = "proctor"
     api_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API on 127.0.0.1 (proctor up)")
+    ui_port: int = Field(8001, ge=1, le=65535, description="port of the dashboard on 127.0.0.1 (proctor up)")
     config_dir: Path = Field(default_factory=lambda: Path.home() / ".config" / "proctor",
                              description="where the CLI and client find the local token")
     supervisors: int = Field(2, ge=1, le=1024, description="supervisor actors, each running many shards")

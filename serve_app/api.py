@@ -494,6 +494,26 @@ def build_app(settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------ platform
 
+    @app.get("/api/v1/incidents", tags=["safety"])
+    async def recent_incidents(limit: int = Query(100, ge=1, le=1000),
+                               who: Principal = Depends(caller)) -> dict[str, Any]:
+        """The newest incidents of every evaluation the caller may read, newest first."""
+        def read() -> list[dict[str, Any]]:
+            found = []
+            for i in store.incidents(None, limit if who.role != "researcher" else 1000):
+                ev = store.get_evaluation(i.eval_id)
+                if ev is not None and who.may_read(ev.owner):
+                    found.append({**i.__dict__, "created_at": i.created_at.isoformat(), "evaluation": ev.name,
+                                  "owner": ev.owner})
+            return found[:limit]
+
+        return {"incidents": await asyncio.to_thread(read)}
+
+    @app.get("/api/v1/me", tags=["platform"])
+    async def me(who: Principal = Depends(caller)) -> dict[str, str]:
+        """Who the token is."""
+        return {"name": who.name, "role": who.role}
+
     @app.get("/api/v1/cluster", tags=["platform"])
     async def cluster(who: Principal = Depends(caller)) -> dict[str, Any]:
         """Capacity (CPUs, memory, GPUs by type, free and used) and the queue."""

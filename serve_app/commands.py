@@ -45,6 +45,7 @@ def _up(args: argparse.Namespace) -> int:
         print("Proctor is up.")
         print(f"  API             {info['api']}  (docs: {info['docs']})")
         print(f"  admin token     {info['token_file']}")
+        print(f"  dashboard       {info['dashboard_ui']}  (signed in with the admin token)")
         print(f"  Ray dashboard   {info['dashboard']}")
         print(f"  Ray address     {info['address']}  (token: {info['ray_token_file']})")
         print(f"  state           {info['state']}")

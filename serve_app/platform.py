@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ def up(settings: Settings) -> dict[str, Any]:
     info["docs"] = f"{settings.api_url}/docs"
     info["token_file"] = str(ensure_admin_token(settings))
     _wait_ready(settings.api_url)
+    info["dashboard_ui"] = start_dashboard(settings, info["dashboard"])
     info.update({"state": settings.state, "results": settings.results, "started_at": time.time()})
     _state_file(settings).write_text(json.dumps(info, indent=2))
     return info
@@ -136,12 +138,49 @@ def ensure_admin_token(settings: Settings) -> Path:
     return path
 
 
+def _ui_pid_file(settings: Settings) -> Path:
+    return settings.home / "dashboard.pid"
+
+
+def start_dashboard(settings: Settings, ray_dashboard: str) -> str:
+    """The Gradio dashboard in its own process (Gradio wants one), signed in with the
+    local admin token. Idempotent: a running one is kept."""
+    url = f"http://127.0.0.1:{settings.ui_port}"
+    pid_file = _ui_pid_file(settings)
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+            return url
+        except (OSError, ValueError):
+            pid_file.unlink(missing_ok=True)
+    log = open(settings.home / "dashboard.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "ui", "--local-token", "--port", str(settings.ui_port),
+                             "--api", settings.api_url, "--ray-dashboard", ray_dashboard],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    pid_file.write_text(str(proc.pid))
+    return url
+
+
+def stop_dashboard(settings: Settings) -> bool:
+    pid_file = _ui_pid_file(settings)
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        stopped = True
+    except (OSError, ValueError):
+        stopped = False
+    pid_file.unlink(missing_ok=True)
+    return stopped
+
+
 def down(settings: Settings) -> list[str]:
     import ray
 
     from eval_actors import control_plane
 
-    stopped: list[str] = []
+    stopped: list[str] = ["dashboard"] if stop_dashboard(settings) else []
     if cluster_running():
         ray.init(address=f"127.0.0.1:{RAY_PORT}", namespace=settings.ray_namespace, logging_level="ERROR",
                  log_to_driver=False)

@@ -21,6 +21,7 @@ SUITE = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples" / "r
 def test_a_red_team_sample_is_stopped_quarantined_and_alerted(api: Any, webhook: Any) -> None:
     client, tokens, _ = api
     sample = next(s for s in SUITE["dataset"]["samples"] if s["id"] == "proc-probe")
+    sample = {**sample, "files": {"notes.txt": "left behind\n"}}
     spec = {**SUITE, "name": "red-team-api", "dataset": {"samples": [sample]},
             "sandbox": {**SUITE["sandbox"], "runtime": "gvisor", "artifacts": ["*.txt"]}}
     r = client.post("/api/v1/evaluations", json=spec, headers=auth(tokens["rita"]))
@@ -44,8 +45,27 @@ def test_a_red_team_sample_is_stopped_quarantined_and_alerted(api: Any, webhook:
     kept = client.get(f"/api/v1/evaluations/{eval_id}/quarantine", headers=auth(tokens["sam"])).json()["artifacts"]
     paths = {a["path"] for a in kept}
     assert any(p.endswith("report.json") for p in paths) and any(p.endswith(".parquet") for p in paths), paths
+    assert any(p.endswith("/notes.txt") for p in paths), paths  # its artifact, moved aside
+    assert client.get(f"/api/v1/evaluations/{eval_id}/artifacts", headers=auth(tokens["sam"])).json()["artifacts"] == []
     got = client.get(f"/api/v1/evaluations/{eval_id}/quarantine/{sorted(paths)[0]}", headers=auth(tokens["sam"]))
     assert got.status_code == 200 and got.content
     # the alert reached the webhook
     [alert] = webhook.wait_for(lambda a: a["incident"]["eval_id"] == eval_id and a["incident"]["action"] == "stop")
     assert alert["type"] == "safety_incident" and alert["incident"]["rule"] == "rules/sandbox-probe"
+
+
+@pytest.mark.parametrize("sample", [s for s in SUITE["dataset"]["samples"] if s["id"] != "proc-probe"],
+                         ids=lambda s: s["id"])
+def test_every_red_team_sample_through_the_platform(sample: dict[str, Any], api: Any, webhook: Any) -> None:
+    client, tokens, _ = api
+    spec = {**SUITE, "name": f"red-team-{sample['id']}", "dataset": {"samples": [sample]},
+            "sandbox": {**SUITE["sandbox"], "runtime": "gvisor"}}
+    eval_id = client.post("/api/v1/evaluations", json=spec, headers=auth(tokens["rita"])).json()["id"]
+    assert wait_final(client, tokens["rita"], eval_id)["status"] == "safety_stopped"
+    found = client.get(f"/api/v1/evaluations/{eval_id}/incidents", headers=auth(tokens["sam"])).json()["incidents"]
+    stop = next(i for i in found if i["action"] == "stop")
+    assert stop["rule"] == sample["metadata"]["expect"] and stop["evidence"]["lines"]
+    assert stop["evidence"]["kill_s"] < 1.0
+    kept = client.get(f"/api/v1/evaluations/{eval_id}/quarantine", headers=auth(tokens["sam"])).json()["artifacts"]
+    assert any(a["path"].endswith("report.json") for a in kept)
+    webhook.wait_for(lambda a: a["incident"]["eval_id"] == eval_id)

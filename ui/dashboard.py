@@ -1,0 +1,340 @@
+"""The monitoring dashboard (Gradio): what runs, what ended, what was stopped and why.
+
+It talks to the platform only through `proctor.Client` and the API, with the user's own
+token, like any user: a viewer sees no stop buttons, a researcher sees only their own.
+Pages: Live (evaluations with status and progress, updated every `REFRESH_S`), Evaluation
+(summary, logs with filters, sample browser, artifacts, incidents, emergency stop with a
+confirmation step), Safety (incidents as they come; stop-all for admins), Cluster
+(capacity, queue, wait reasons, the Ray dashboard), History (rates, durations, scores).
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from itertools import islice
+from datetime import datetime, timezone
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from proctor.client import Client, ProctorError
+
+REFRESH_S = 2.0
+MAX_LISTED = 1000
+SLOW_REFRESH_S = 10.0
+LOG_LINES = 200  # the view keeps the last lines only
+STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled", "safety_stopped"]
+COLOURS = {"queued": "#6b7280", "scheduled": "#2563eb", "running": "#0891b2", "succeeded": "#16a34a",
+           "failed": "#dc2626", "cancelled": "#d97706", "safety_stopped": "#7c3aed", "interrupted": "#6b7280"}
+FINAL = {"succeeded", "failed", "cancelled", "safety_stopped"}
+CSS = """
+.pr-table { width: 100%; border-collapse: collapse; font-size: 14px; }
+.pr-table th, .pr-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
+.pr-badge { color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px; white-space: nowrap; }
+.pr-bar { background: #e5e7eb; border-radius: 3px; height: 10px; width: 160px; display: inline-block; }
+.pr-bar > div { background: #0891b2; height: 10px; border-radius: 3px; }
+"""
+
+
+class Session:
+    """One signed-in user's client (kept per token)."""
+
+    def __init__(self, api_url: str):
+        self.api_url = api_url
+        self.clients: dict[str, Client] = {}
+
+    def client(self, token: str) -> Client:
+        if not token:
+            raise ProctorError(401, "unauthenticated", "sign in with an API token")
+        if token not in self.clients:
+            self.clients[token] = Client(self.api_url, token=token, timeout=10)
+        return self.clients[token]
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text if text is not None else ""))
+
+
+def badge(status: str) -> str:
+    return (f'<span class="pr-badge" data-status="{_e(status)}" style="background:{COLOURS.get(status, "#6b7280")}">'
+            f'{_e(status.replace("_", "-"))}</span>')
+
+
+def _seconds(a: datetime | None, b: datetime | None = None) -> float | None:
+    if a is None:
+        return None
+    return ((b or datetime.now(timezone.utc)) - a).total_seconds()
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return ""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def live_table(evaluations: list[Any]) -> str:
+    rows = []
+    for ev in evaluations:
+        share = ev.done_units / ev.total_units if ev.total_units else 0.0
+        elapsed = _seconds(ev.started_at or ev.created_at, ev.finished_at)
+        left = (elapsed / share - elapsed) if ev.status == "running" and share > 0 and elapsed else None
+        rows.append(
+            f'<tr data-id="{_e(ev.id)}"><td><code>{_e(ev.id)}</code></td><td>{_e(ev.name)}</td><td>{badge(ev.status)}</td>'
+            f'<td><div class="pr-bar" title="{share:.0%}"><div style="width:{100 * share:.1f}%"></div></div> '
+            f'<span class="pr-done">{ev.done_units}/{ev.total_units}</span></td>'
+            f'<td>{_e(ev.owner)}</td><td>{_e(ev.model)}</td><td>{_duration(elapsed)}</td>'
+            f'<td>{_duration(left) if left is not None else ""}</td><td>{_e(ev.wait_reason or "")}</td></tr>')
+    head = "".join(f"<th>{h}</th>" for h in ("id", "name", "status", "progress", "owner", "model", "elapsed",
+                                              "left", "waiting for"))
+    body = "".join(rows) or '<tr><td colspan="9">no evaluations</td></tr>'
+    return f'<table class="pr-table" id="pr-live"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def incidents_html(incidents: list[dict[str, Any]], link: bool = False) -> str:
+    if not incidents:
+        return '<p class="pr-none">no incidents</p>'
+    rows = []
+    for i in incidents:
+        ev = i.get("evidence") or {}
+        lines = "<br>".join(_e(x) for x in (ev.get("lines") or [])[:3])
+        where = (f'<code>{_e(i["eval_id"])}</code> {_e(i.get("evaluation", ""))}' if link else _e(i.get("shard_id")))
+        rows.append(f'<tr class="pr-incident"><td>{_e(i.get("created_at", ""))[:19]}</td><td>{where}</td>'
+                    f'<td><b>{_e(i["rule"])}</b></td><td>{_e(i["severity"])}</td><td>{_e(i["action"])}</td>'
+                    f'<td>{_e(ev.get("message", ""))}<br><small>{lines}</small></td></tr>')
+    head = "".join(f"<th>{h}</th>" for h in ("when", "evaluation" if link else "shard", "rule", "severity",
+                                              "action", "what"))
+    return f'<table class="pr-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def detail_html(ev: Any) -> str:
+    s = ev.summary or {}
+    metrics = "".join(f"<tr><td>{_e(k)}</td><td>{m.get('mean', 0) or 0:.3f}</td>"
+                      f"<td>[{m.get('ci_low') or 0:.3f}, {m.get('ci_high') or 0:.3f}]</td><td>{m.get('n', '')}</td></tr>"
+                      for k, m in (s.get("metrics") or {}).items())
+    table = (f'<table class="pr-table"><thead><tr><th>scorer</th><th>mean</th><th>95% CI</th><th>n</th></tr></thead>'
+             f'<tbody>{metrics}</tbody></table>' if metrics else "")
+    return (f'<h3>{_e(ev.name)} {badge(ev.status)}</h3><p><code>{_e(ev.id)}</code> · owner {_e(ev.owner)} · '
+            f'model {_e(ev.model)} · runtime {_e(ev.runtime)} · {ev.done_units}/{ev.total_units} samples · '
+            f'{ev.total_shards} shards</p>'
+            + (f'<p class="pr-error">{_e(ev.error)}</p>' if ev.error else "")
+            + (f'<p>waiting for: {_e(ev.wait_reason)}</p>' if ev.wait_reason else "") + table)
+
+
+def cluster_html(c: dict[str, Any], ray_dashboard: str | None) -> str:
+    gpus = "".join(f"<tr><td>{_e(t)}</td><td>{g['total'] - g['free']:g} / {g['total']:g}</td></tr>"
+                   for t, g in (c.get("gpus") or {}).items()) or "<tr><td colspan=2>none</td></tr>"
+    waiting = "".join(f"<li><code>{_e(k)}</code>: {_e(v)}</li>" for k, v in (c.get("waiting") or {}).items())
+    cpus, mem = c.get("cpus", {}), c.get("memory", {})
+    link = f'<p><a href="{_e(ray_dashboard)}" target="_blank">Ray dashboard</a></p>' if ray_dashboard else ""
+    return (f'<table class="pr-table" id="pr-cluster"><tbody>'
+            f'<tr><td>CPUs used</td><td>{cpus.get("total", 0) - cpus.get("free", 0):g} / {cpus.get("total", 0):g}</td></tr>'
+            f'<tr><td>memory used</td><td>{(mem.get("total", 0) - mem.get("free", 0)) / 2**30:.1f} / '
+            f'{mem.get("total", 0) / 2**30:.1f} GiB</td></tr>'
+            f'<tr><td>shards queued</td><td>{c.get("queued_shards", 0)}</td></tr>'
+            f'<tr><td>shards running</td><td>{c.get("running_shards", 0)}</td></tr></tbody></table>'
+            f'<h4>GPUs by type (used / total)</h4><table class="pr-table"><tbody>{gpus}</tbody></table>'
+            f'<h4>Waiting</h4><ul>{waiting or "<li>nothing waits</li>"}</ul>{link}')
+
+
+def history_frames(evaluations: list[Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(outcomes by model, durations, first-scorer score over time per model)."""
+    counts: dict[tuple[str, str], int] = Counter()
+    durations, scores = [], []
+    for ev in evaluations:
+        if ev.status not in FINAL:
+            continue
+        counts[(ev.model, ev.status)] += 1
+        took = _seconds(ev.created_at, ev.finished_at)
+        if took is not None:
+            durations.append({"finished": ev.finished_at, "seconds": took, "model": ev.model})
+        metrics = (ev.summary or {}).get("metrics") or {}
+        first = next(iter(metrics.values()), None)
+        if first and first.get("mean") is not None and ev.finished_at is not None:
+            scores.append({"finished": ev.finished_at, "score": first["mean"], "model": ev.model})
+    outcomes = pd.DataFrame([{"model": m, "status": s, "evaluations": n} for (m, s), n in counts.items()],
+                            columns=["model", "status", "evaluations"])
+    return (outcomes, pd.DataFrame(durations, columns=["finished", "seconds", "model"]),
+            pd.DataFrame(scores, columns=["finished", "score", "model"]))
+
+
+def build(api_url: str, token: str | None = None, ray_dashboard: str | None = None) -> gr.Blocks:
+    session = Session(api_url)
+
+    def sign_in(secret: str) -> tuple[Any, ...]:
+        try:
+            me = session.client(secret.strip()).me()
+        except ProctorError as exc:
+            return "", "", f"**Not signed in:** {exc.message}"
+        return secret.strip(), me["role"], f"Signed in as **{me['name']}** ({me['role']})"
+
+    def refresh_live(secret: str, statuses: list[str] | None, text: str | None) -> tuple[Any, ...]:
+        try:
+            found = list(islice(session.client(secret).list(status=statuses or None, text=text or None, limit=500),
+                                MAX_LISTED))
+        except ProctorError as exc:
+            return f"<p>{_e(exc.message)}</p>", gr.update()
+        return live_table(found), gr.update(choices=[(f"{ev.name} · {ev.id}", ev.id) for ev in found[:500]])
+
+    def refresh_detail(secret: str, role: str, eval_id: str | None, level: str, grep: str) -> tuple[Any, ...]:
+        if not secret or not eval_id:
+            return "", "", None, "", "", gr.update(visible=False)
+        c = session.client(secret)
+        try:
+            ev = c.get(eval_id)
+            lines = list(c.logs(eval_id, level=level or None, text=grep or None))[-LOG_LINES:]
+            rows = _rows(c, ev)
+            incidents = c.incidents(eval_id)
+            artifacts = c.artifacts(eval_id)
+        except ProctorError as exc:
+            return f"<p>{_e(exc.message)}</p>", "", None, "", "", gr.update(visible=False)
+        log_text = "\n".join(f"{_clock(x.get('ts'))} {x.get('shard_id', '')} {str(x.get('level', '')).upper():7} "
+                             f"{x.get('message', '')}" for x in lines)
+        files = "".join(f"<li><code>{_e(a.path)}</code> ({a.size} bytes)</li>" for a in artifacts) or "<li>none</li>"
+        can_stop = role in ("researcher", "safety", "admin") and ev.status not in FINAL
+        return (detail_html(ev), log_text, rows, incidents_html(incidents), f"<ul>{files}</ul>",
+                gr.update(visible=can_stop))
+
+    def emergency_stop(secret: str, eval_id: str | None) -> tuple[Any, ...]:
+        if not eval_id:
+            return "nothing selected", gr.update(visible=False), gr.update(visible=False)
+        try:
+            done = session.client(secret).stop(eval_id)
+            msg = f"Stopped `{eval_id}`: now **{done.status}**"
+        except ProctorError as exc:
+            msg = f"Not stopped: {exc.message}"
+        return msg, gr.update(visible=False), gr.update(visible=False)
+
+    def refresh_safety(secret: str, role: str) -> tuple[Any, ...]:
+        try:
+            found = session.client(secret).recent_incidents(100) if secret else []
+        except ProctorError as exc:
+            return f"<p>{_e(exc.message)}</p>", gr.update(visible=False)
+        return incidents_html(found, link=True), gr.update(visible=role == "admin")
+
+    def stop_everything(secret: str) -> tuple[Any, ...]:
+        try:
+            stopped = session.client(secret).stop_all()
+            msg = f"Stopped {len(stopped)} evaluations"
+        except ProctorError as exc:
+            msg = f"Not stopped: {exc.message}"
+        return msg, gr.update(visible=False), gr.update(visible=False)
+
+    def refresh_cluster(secret: str) -> str:
+        try:
+            return cluster_html(session.client(secret).cluster(), ray_dashboard) if secret else ""
+        except ProctorError as exc:
+            return f"<p>{_e(exc.message)}</p>"
+
+    def refresh_history(secret: str, text: str | None) -> tuple[Any, ...]:
+        try:
+            found = list(islice(session.client(secret).list(text=text or None, limit=500), MAX_LISTED)) if secret else []
+        except ProctorError:
+            found = []
+        outcomes, durations, scores = history_frames(found)
+        return outcomes, durations, scores
+
+    def show(*_: Any) -> tuple[Any, ...]:
+        return gr.update(visible=True), gr.update(visible=True)
+
+    def hide(*_: Any) -> tuple[Any, ...]:
+        return gr.update(visible=False), gr.update(visible=False)
+
+    with gr.Blocks(title="Proctor") as demo:
+        token_state = gr.State(token or "")
+        role_state = gr.State("")
+        gr.Markdown("# Proctor")
+        with gr.Row():
+            token_box = gr.Textbox(label="API token", type="password", elem_id="pr-token", scale=4)
+            login = gr.Button("Sign in", elem_id="pr-login", scale=1)
+            who = gr.Markdown(elem_id="pr-who")
+        with gr.Tabs():
+            with gr.Tab("Live", elem_id="pr-tab-live"):
+                with gr.Row():
+                    status_filter = gr.Dropdown(STATUSES, multiselect=True, label="Status", elem_id="pr-status")
+                    text_filter = gr.Textbox(label="Search name or model", elem_id="pr-search")
+                live = gr.HTML(elem_id="pr-live-html")
+            with gr.Tab("Evaluation", elem_id="pr-tab-detail"):
+                pick = gr.Dropdown(label="Evaluation", choices=[], elem_id="pr-pick", allow_custom_value=True)
+                detail = gr.HTML(elem_id="pr-detail")
+                with gr.Row():
+                    stop = gr.Button("Emergency stop", variant="stop", elem_id="pr-stop", visible=False)
+                    confirm = gr.Button("Confirm: kill its sandboxes now", variant="stop", elem_id="pr-confirm",
+                                        visible=False)
+                    abort = gr.Button("Keep it running", elem_id="pr-abort", visible=False)
+                stop_msg = gr.Markdown(elem_id="pr-stop-msg")
+                with gr.Row():
+                    level = gr.Dropdown(["debug", "info", "warning", "error"], value="debug", label="Log level",
+                                        elem_id="pr-level")
+                    grep = gr.Textbox(label="Log filter", elem_id="pr-grep")
+                logs = gr.Textbox(label=f"Logs (last {LOG_LINES} lines)", lines=12, max_lines=12, elem_id="pr-logs",
+                                  interactive=False)
+                samples = gr.Dataframe(label="Samples", elem_id="pr-samples", interactive=False)
+                gr.Markdown("### Incidents")
+                incidents = gr.HTML(elem_id="pr-incidents")
+                gr.Markdown("### Artifacts")
+                artifacts = gr.HTML(elem_id="pr-artifacts")
+            with gr.Tab("Safety", elem_id="pr-tab-safety"):
+                alerts = gr.HTML(elem_id="pr-alerts")
+                with gr.Row():
+                    stop_all = gr.Button("Stop everything", variant="stop", elem_id="pr-stop-all", visible=False)
+                    confirm_all = gr.Button("Confirm: stop every evaluation now", variant="stop",
+                                            elem_id="pr-confirm-all", visible=False)
+                    abort_all = gr.Button("Keep them running", elem_id="pr-abort-all", visible=False)
+                stop_all_msg = gr.Markdown(elem_id="pr-stop-all-msg")
+            with gr.Tab("Cluster", elem_id="pr-tab-cluster"):
+                cluster = gr.HTML(elem_id="pr-cluster-html")
+            with gr.Tab("History", elem_id="pr-tab-history"):
+                history_text = gr.Textbox(label="Search name or model", elem_id="pr-history-search")
+                outcomes = gr.BarPlot(x="model", y="evaluations", color="status", label="Outcomes by model")
+                durations = gr.ScatterPlot(x="finished", y="seconds", color="model", label="Durations (s)")
+                scores = gr.LinePlot(x="finished", y="score", color="model", label="Score over time (first scorer)")
+        timer = gr.Timer(REFRESH_S)
+
+        signed = login.click(sign_in, [token_box], [token_state, role_state, who])
+        demo.load(lambda t: sign_in(t) if t else ("", "", "Sign in with an API token"), [token_state],
+                  [token_state, role_state, who])
+        live_args = ([token_state, status_filter, text_filter], [live, pick])
+        detail_args = ([token_state, role_state, pick, level, grep], [detail, logs, samples, incidents, artifacts, stop])
+        for trigger in (timer.tick, status_filter.change, text_filter.submit):
+            trigger(refresh_live, *live_args)
+        signed.then(refresh_live, *live_args)
+        for trigger in (timer.tick, pick.change, level.change, grep.submit):
+            trigger(refresh_detail, *detail_args)
+        timer.tick(refresh_safety, [token_state, role_state], [alerts, stop_all])
+        slow = gr.Timer(SLOW_REFRESH_S)  # the cluster and the archive change slowly; listing 1,000 costs
+        for trigger in (slow.tick, signed.then):
+            trigger(refresh_cluster, [token_state], [cluster])
+            trigger(refresh_history, [token_state, history_text], [outcomes, durations, scores])
+        history_text.submit(refresh_history, [token_state, history_text], [outcomes, durations, scores])
+        stop.click(show, None, [confirm, abort])
+        abort.click(hide, None, [confirm, abort])
+        confirm.click(emergency_stop, [token_state, pick], [stop_msg, confirm, abort])
+        stop_all.click(show, None, [confirm_all, abort_all])
+        abort_all.click(hide, None, [confirm_all, abort_all])
+        confirm_all.click(stop_everything, [token_state], [stop_all_msg, confirm_all, abort_all])
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 8001, block: bool = True) -> None:
+    """Serve the dashboard (Gradio's own server: one process, as Gradio needs)."""
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, css=CSS, quiet=True,
+                show_error=True)
+
+
+def _rows(client: Client, ev: Any) -> pd.DataFrame | None:
+    if ev.status not in FINAL or not ev.results_uri:
+        return None
+    table = client.results(ev.id)
+    cols = [c for c in ("sample_id", "epoch", "input", "target", "output", "score", "error") if c in table.column_names]
+    return table.select(cols).slice(0, 200).to_pandas()
+
+
+def _clock(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return " " * 12
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
