@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from cluster.results import SampleRecord
@@ -45,6 +46,7 @@ log = logging.getLogger("proctor.executor")
 
 MAX_ARTIFACT_BYTES = 16 * 1024**2
 MAX_ARTIFACTS_TOTAL = 64 * 1024**2
+MAX_LEFT_BEHIND = 32  # files per pattern collected after a safety stop
 CANCEL_GRACE_S = 2.0
 LIMIT_REFUSALS = ("model-call limit", "token limit", "cost limit")  # the gateway's refusals (gateway.py)
 GUARD_INTERVAL_S = 0.25  # monitors are polled this often (the policy's text rules act at once)
@@ -205,6 +207,8 @@ class ShardExecutor:
                     task.cancel()
                 await run.guard.close()
             run.rejections.extend(sandbox.parser.rejections)
+            if run.guard.stopped is not None:
+                self._collect_left_behind(run, workspace)
             status, error = self._judge(run, exit_, cancel)
             return self._outcome(run, status, error, exit_, started)
         except asyncio.CancelledError:
@@ -363,6 +367,18 @@ class ShardExecutor:
             runtime=self.runtime.name,
             isolation=self.runtime.isolation,
         )
+
+    def _collect_left_behind(self, run: _Run, workspace: Path) -> None:
+        """After a safety stop: the declared artifacts the sandbox left in its workspace but
+        was killed before reporting (evidence for the quarantine), with the same bounds and
+        no symlinks followed."""
+        kept = {path for path, _ in run.artifacts}
+        for pattern in run.work.spec.sandbox.artifacts:
+            for path in sorted(workspace.glob(f"*/{pattern}"))[:MAX_LEFT_BEHIND]:
+                rel = str(path.relative_to(workspace))
+                if rel not in kept and not path.is_symlink():
+                    self._collect_artifact(run, workspace, SimpleNamespace(path=rel))
+                    kept.add(rel)
 
     def _collect_artifact(self, run: _Run, workspace: Path, event: Any) -> None:
         rel = Path(event.path)

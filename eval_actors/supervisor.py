@@ -166,6 +166,7 @@ class Supervisor:
         for v in safety.get("violations", []):
             violation = Violation(v["monitor"], v["rule"], v["action"], v["message"], tuple(v["evidence"]), v["at"])
             evidence = evidence_of(violation, safety, safety.get("started_at"))
+            evidence["stopped_the_shard"] = v == safety.get("stopped_by")
             try:
                 inc = self.store.add_incident(eval_id, rule=f"{v['monitor']}/{v['rule']}", severity=v["severity"],
                                               action=v["action"], evidence=evidence, shard_id=shard_id)

@@ -30,7 +30,7 @@ def test_a_red_team_sample_is_stopped_quarantined_and_alerted(api: Any, webhook:
     ev = wait_final(client, tokens["rita"], eval_id)
     assert ev["status"] == "safety_stopped", ev
     incidents = client.get(f"/api/v1/evaluations/{eval_id}/incidents", headers=auth(tokens["rita"])).json()
-    stop = next(i for i in incidents["incidents"] if i["action"] == "stop")
+    stop = next(i for i in incidents["incidents"] if i["evidence"]["stopped_the_shard"])
     assert stop["rule"] == "rules/sandbox-probe" and stop["severity"] == "critical"
     assert any("/proc/1/environ" in line for line in stop["evidence"]["lines"])
     assert stop["evidence"]["kill_s"] < 1.0 and stop["evidence"]["timeline"]
@@ -63,7 +63,7 @@ def test_every_red_team_sample_through_the_platform(sample: dict[str, Any], api:
     eval_id = client.post("/api/v1/evaluations", json=spec, headers=auth(tokens["rita"])).json()["id"]
     assert wait_final(client, tokens["rita"], eval_id)["status"] == "safety_stopped"
     found = client.get(f"/api/v1/evaluations/{eval_id}/incidents", headers=auth(tokens["sam"])).json()["incidents"]
-    stop = next(i for i in found if i["action"] == "stop")
+    stop = next(i for i in found if i["evidence"]["stopped_the_shard"])
     assert stop["rule"] == sample["metadata"]["expect"] and stop["evidence"]["lines"]
     assert stop["evidence"]["kill_s"] < 1.0
     kept = client.get(f"/api/v1/evaluations/{eval_id}/quarantine", headers=auth(tokens["sam"])).json()["artifacts"]
