@@ -140,8 +140,10 @@ def test_finished_evaluation_detail_logs_and_filters(api: Any, dashboard: str, b
     page = open_as(browser, dashboard, tokens["rita"])
     page.locator("#pr-search input, #pr-search textarea").first.fill("ui-finished")
     page.locator("#pr-search input, #pr-search textarea").first.press("Enter")
-    page.wait_for_function("() => [...document.querySelectorAll('#pr-live tbody tr')].every("
-                           "r => r.innerText.includes('ui-finished'))", timeout=20_000)
+    page.wait_for_function("id => { const rows = [...document.querySelectorAll('#pr-live tbody tr')];"
+                           " return rows.some(r => r.dataset.id === id)"
+                           " && rows.every(r => r.innerText.includes('ui-finished')); }", arg=eval_id,
+                           timeout=20_000)  # the filter applied: only matching rows, ours among them
     assert row(page, eval_id).count() == 1
     pick(page, eval_id)
     page.wait_for_selector("#pr-samples >> text=sample_id", timeout=20_000)
