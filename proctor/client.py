@@ -307,6 +307,10 @@ class _Calls:
         return _Call("GET", "/api/v1/incidents", params={"limit": limit}, read=lambda r: r.json()["incidents"])
 
     @staticmethod
+    def shards(eval_id: str) -> _Call:
+        return _Call("GET", _ev(eval_id, "/shards"))
+
+    @staticmethod
     def me() -> _Call:
         return _Call("GET", "/api/v1/me")
 
@@ -601,6 +605,10 @@ class Client(_Base):
         """Who the token is: {"name", "role"}."""
         return self._send(_Calls.me())
 
+    def shards(self, eval_id: str) -> dict[str, Any]:
+        """The evaluation's stored spec and its shards' states: {"id", "spec", "shards": [...]}."""
+        return self._send(_Calls.shards(eval_id))
+
     def cluster(self) -> dict[str, Any]:
         """Capacity (CPUs, memory, GPUs by type, free and used) and the queue."""
         return self._send(_Calls.cluster())
@@ -787,6 +795,9 @@ class AsyncClient(_Base):
 
     async def me(self) -> dict[str, Any]:
         return await self._send(_Calls.me())
+
+    async def shards(self, eval_id: str) -> dict[str, Any]:
+        return await self._send(_Calls.shards(eval_id))
 
     async def cluster(self) -> dict[str, Any]:
         return await self._send(_Calls.cluster())

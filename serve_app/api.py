@@ -130,6 +130,27 @@ class Revoked(BaseModel):
     revoked: bool
 
 
+class ShardOut(BaseModel):
+    shard_id: str
+    status: str
+    samples: int
+    units: int
+    attempt: int
+    max_attempts: int
+    resources: dict[str, Any]
+    supervisor: str | None
+    placement: str | None
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EvaluationDetail(BaseModel):
+    id: str
+    spec: dict[str, Any]
+    shards: list[ShardOut]
+
+
 class Artifact(BaseModel):
     path: str = Field(description="<shard_id>/<path inside the sandbox's workspace>")
     size: int
@@ -265,6 +286,17 @@ def build_app(settings: Settings) -> FastAPI:
     @app.get("/api/v1/evaluations/{eval_id}", response_model=EvaluationOut, tags=["evaluations"])
     async def get_evaluation(eval_id: str, who: Principal = Depends(caller)) -> EvaluationOut:
         return EvaluationOut.of(await readable(eval_id, who))
+
+    @app.get("/api/v1/evaluations/{eval_id}/shards", response_model=EvaluationDetail, tags=["evaluations"])
+    async def get_shards(eval_id: str, who: Principal = Depends(caller)) -> EvaluationDetail:
+        """The evaluation's spec as stored, and the state of each of its shards."""
+        ev = await readable(eval_id, who)
+        shards = await asyncio.to_thread(store.shards, eval_id)
+        return EvaluationDetail(id=eval_id, spec=ev.spec, shards=[
+            ShardOut(shard_id=x.shard_id, status=x.status, samples=len(x.sample_ids), units=x.units,
+                     attempt=x.attempt, max_attempts=x.max_attempts, resources=x.resources,
+                     supervisor=x.supervisor, placement=x.placement, error=x.error, started_at=x.started_at,
+                     finished_at=x.finished_at) for x in shards])
 
     async def _stop(eval_id: str, who: Principal, hard: bool) -> Stopped:
         ev = await readable(eval_id, who)

@@ -230,3 +230,13 @@ def test_prometheus_metrics(api: Any) -> None:
     buckets = {s.labels["le"] for s in after["proctor_evaluation_duration_seconds"].samples if "le" in s.labels}
     assert "3600.0" in buckets  # buckets up to hours
     assert client.get("/api/v1/metrics").status_code == 401
+
+
+def test_shards_and_spec_of_an_evaluation(api: Any, finished: dict[str, Any]) -> None:
+    client, tokens, _ = api
+    got = client.get(f"/api/v1/evaluations/{finished['id']}/shards", headers=auth(tokens["vera"])).json()
+    assert got["spec"]["name"] == "streams" and got["spec"]["sandbox"]["artifacts"] == ["notes.txt"]
+    [shard] = got["shards"]
+    assert (shard["shard_id"], shard["status"], shard["samples"], shard["units"]) == ("00000", "succeeded", 3, 3)
+    assert shard["supervisor"].startswith("proctor-supervisor-") and shard["finished_at"]
+    assert client.get(f"/api/v1/evaluations/{finished['id']}/shards", headers=auth(tokens["rob"])).status_code == 404

@@ -452,3 +452,16 @@ def test_async_client_admin_calls(api: Any, url: str) -> None:
             assert [(await ada.wait(i, timeout=60)).status for i in (first, second)] == ["cancelled"] * 2
 
     asyncio.run(main())
+
+
+def test_me_shards_and_recent_incidents(finished: Any, as_user: Any) -> None:
+    ev = finished[0]
+    rita = as_user("rita")
+    assert rita.me() == {"name": "rita", "role": "researcher"}
+    stored = as_user("vera").shards(ev.id)
+    assert stored["spec"]["name"] == ev.name
+    assert {s["status"] for s in stored["shards"]} == {"succeeded"}
+    assert sum(s["units"] for s in stored["shards"]) == ev.total_units
+    for incident in as_user("sam").recent_incidents(50):  # any there are, newest first, with their evaluation
+        assert incident["eval_id"] and incident["rule"] and "evaluation" in incident
+    assert all(i["owner"] == "rita" for i in rita.recent_incidents(50))  # a researcher sees only their own

@@ -147,6 +147,7 @@ def test_finished_evaluation_detail_logs_and_filters(api: Any, dashboard: str, b
     assert row(page, eval_id).count() == 1
     pick(page, eval_id)
     page.wait_for_selector("#pr-samples >> text=sample_id", timeout=20_000)
+    page.wait_for_selector('#pr-shards [data-status="succeeded"]', timeout=20_000)  # the shard's state
     page.wait_for_function("() => document.querySelector('#pr-logs textarea').value.includes('harness ready')",
                            timeout=20_000)
     shot(page, "evaluation")

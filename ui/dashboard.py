@@ -3,8 +3,8 @@
 It talks to the platform only through `proctor.Client` and the API, with the user's own
 token, like any user: a viewer sees no stop buttons, a researcher sees only their own.
 Pages: Live (evaluations with status and progress, updated every `REFRESH_S`), Evaluation
-(summary, logs with filters, sample browser, artifacts, incidents, emergency stop with a
-confirmation step), Safety (incidents as they come; stop-all for admins), Cluster
+(summary, shards, logs with filters, sample browser, artifacts, incidents, the spec,
+emergency stop with a confirmation step), Safety (incidents as they come; stop-all for admins), Cluster
 (capacity, queue, wait reasons, the Ray dashboard), History (rates, durations, scores).
 """
 
@@ -123,6 +123,16 @@ def detail_html(ev: Any) -> str:
             + (f'<p>waiting for: {_e(ev.wait_reason)}</p>' if ev.wait_reason else "") + table)
 
 
+def shards_html(shards: list[dict[str, Any]]) -> str:
+    rows = "".join(
+        f'<tr><td><code>{_e(x["shard_id"])}</code></td><td>{badge(x["status"])}</td><td>{x["units"]}</td>'
+        f'<td>{x["attempt"]}/{x["max_attempts"]}</td><td>{_e(x.get("supervisor") or "")}</td>'
+        f'<td>{_e(x.get("error") or "")}</td></tr>' for x in shards[:500])
+    head = "".join(f"<th>{h}</th>" for h in ("shard", "status", "units", "attempt", "supervisor", "error"))
+    more = f"<p>and {len(shards) - 500} more</p>" if len(shards) > 500 else ""
+    return f'<table class="pr-table" id="pr-shard-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{more}'
+
+
 def cluster_html(c: dict[str, Any], ray_dashboard: str | None) -> str:
     gpus = "".join(f"<tr><td>{_e(t)}</td><td>{g['total'] - g['free']:g} / {g['total']:g}</td></tr>"
                    for t, g in (c.get("gpus") or {}).items()) or "<tr><td colspan=2>none</td></tr>"
@@ -180,22 +190,23 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
 
     def refresh_detail(secret: str, role: str, eval_id: str | None, level: str, grep: str) -> tuple[Any, ...]:
         if not secret or not eval_id:
-            return "", "", None, "", "", gr.update(visible=False)
+            return "", "", None, "", "", gr.update(visible=False), "", None
         c = session.client(secret)
         try:
             ev = c.get(eval_id)
+            stored = c.shards(eval_id)
             lines = list(c.logs(eval_id, level=level or None, text=grep or None))[-LOG_LINES:]
             rows = _rows(c, ev)
             incidents = c.incidents(eval_id)
             artifacts = c.artifacts(eval_id)
         except ProctorError as exc:
-            return f"<p>{_e(exc.message)}</p>", "", None, "", "", gr.update(visible=False)
+            return f"<p>{_e(exc.message)}</p>", "", None, "", "", gr.update(visible=False), "", None
         log_text = "\n".join(f"{_clock(x.get('ts'))} {x.get('shard_id', '')} {str(x.get('level', '')).upper():7} "
                              f"{x.get('message', '')}" for x in lines)
         files = "".join(f"<li><code>{_e(a.path)}</code> ({a.size} bytes)</li>" for a in artifacts) or "<li>none</li>"
         can_stop = role in ("researcher", "safety", "admin") and ev.status not in FINAL
         return (detail_html(ev), log_text, rows, incidents_html(incidents), f"<ul>{files}</ul>",
-                gr.update(visible=can_stop))
+                gr.update(visible=can_stop), shards_html(stored["shards"]), stored["spec"])
 
     def emergency_stop(secret: str, eval_id: str | None) -> tuple[Any, ...]:
         if not eval_id:
@@ -272,10 +283,14 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                 logs = gr.Textbox(label=f"Logs (last {LOG_LINES} lines)", lines=12, max_lines=12, elem_id="pr-logs",
                                   interactive=False)
                 samples = gr.Dataframe(label="Samples", elem_id="pr-samples", interactive=False)
+                gr.Markdown("### Shards")
+                shard_table = gr.HTML(elem_id="pr-shards")
                 gr.Markdown("### Incidents")
                 incidents = gr.HTML(elem_id="pr-incidents")
                 gr.Markdown("### Artifacts")
                 artifacts = gr.HTML(elem_id="pr-artifacts")
+                with gr.Accordion("Spec", open=False):
+                    spec_view = gr.JSON(elem_id="pr-spec")
             with gr.Tab("Safety", elem_id="pr-tab-safety"):
                 alerts = gr.HTML(elem_id="pr-alerts")
                 with gr.Row():
@@ -297,7 +312,8 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         demo.load(lambda t: sign_in(t) if t else ("", "", "Sign in with an API token"), [token_state],
                   [token_state, role_state, who])
         live_args = ([token_state, status_filter, text_filter], [live, pick])
-        detail_args = ([token_state, role_state, pick, level, grep], [detail, logs, samples, incidents, artifacts, stop])
+        detail_args = ([token_state, role_state, pick, level, grep],
+                       [detail, logs, samples, incidents, artifacts, stop, shard_table, spec_view])
         for trigger in (timer.tick, status_filter.change, text_filter.submit):
             trigger(refresh_live, *live_args)
         signed.then(refresh_live, *live_args)
