@@ -52,7 +52,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import statistics
 import tempfile
 import threading
 import time
@@ -65,7 +64,7 @@ from cluster.runtimes.simulated import SimulateRemoteRuntimes
 from eval_actors import control_plane
 from eval_actors.control_plane import AGGREGATOR, BUS, SCHEDULER, supervisor_names
 from proctor.settings import Settings
-from procstat import cpu_seconds
+from procstat import children, cpu_seconds
 
 SHARD_CPUS = 0.001
 SHARD_MEMORY = 64 * 1024**2
@@ -95,19 +94,6 @@ def rss(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
 
 
 def quantiles(xs: list[float]) -> str:

@@ -44,7 +44,7 @@ from eval_actors.local_run import rescore_outside
 from eval_actors.shard_executor import ShardExecutor, ShardWork
 from proctor.settings import Settings
 from proctor.spec import parse_spec
-from procstat import cpu_seconds
+from procstat import children, cpu_seconds
 
 
 def spec_doc(i: int) -> dict[str, Any]:
@@ -113,15 +113,7 @@ def ray_cpu() -> dict[str, float]:
     the sandboxes under them), and this driver. Processes that ended are not counted."""
     node = ray._private.worker._global_node
     raylet = node.all_processes["raylet"][0].process.pid
-    under = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == raylet:
-                        under.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
+    under = children(raylet)
     return {"gcs": cpu_seconds(node.all_processes["gcs_server"][0].process.pid), "raylet": cpu_seconds(raylet),
             "actors+workers": sum(cpu_seconds(p) for p in under), "driver": cpu_seconds(os.getpid())}
 

@@ -65,7 +65,7 @@ import pyarrow.parquet as pq
 
 from proctor.settings import Settings
 
-from .storage import (StorageError, delete_files, filesystem, is_s3, join, list_files, read_bytes,
+from .storage import (StorageError, delete_files, filesystem, is_s3, join, list_files, move, read_bytes,
                       storage_errors, write_bytes)
 
 RESULTS_SCHEMA_VERSION = 1
@@ -353,11 +353,9 @@ class ResultsStore:
         prefix, with its incident report. Idempotent. Returns the quarantined URIs."""
         moved = []
         for part in [p for p in self.parts(eval_id) if p.shard_id == shard_id]:
-            name = part.uri.rsplit("/", 1)[-1]
-            write_bytes(self.quarantine_uri(eval_id, shard_id, name), read_bytes(part.uri, self.settings),
-                        self.settings)
-            moved.append(self.quarantine_uri(eval_id, shard_id, name))
-            delete_files([part.uri], self.settings)
+            uri = self.quarantine_uri(eval_id, shard_id, part.uri.rsplit("/", 1)[-1])
+            move(part.uri, uri, self.settings)
+            moved.append(uri)
         for path, data in artifacts:
             uri = self.quarantine_uri(eval_id, shard_id, "artifacts", path)
             write_bytes(uri, data, self.settings)

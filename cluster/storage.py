@@ -178,6 +178,8 @@ def move(src_uri: str, dst_uri: str, settings: Settings) -> None:
     fs, src = filesystem(src_uri, settings)
     _, dst = filesystem(dst_uri, settings)
     with storage_errors("move", f"{src_uri} to {dst_uri}"):
+        if not is_s3(dst_uri):
+            fs.create_dir(dst.rpartition("/")[0], recursive=True)
         fs.move(src, dst)
 
 

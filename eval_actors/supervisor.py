@@ -24,7 +24,7 @@ from typing import Any
 import ray
 
 from cluster.datasets import load_samples
-from cluster.runtimes import GvisorRuntime, RuntimeUnavailable, SandboxRuntime, select_runtime
+from cluster.runtimes import RuntimeUnavailable, SandboxRuntime, select_runtime
 from cluster.runtimes.cgroups import PARENT, CgroupSet
 from cluster.state import RetriesExhaustedError, StateStore
 from proctor.settings import Settings
@@ -32,7 +32,6 @@ from proctor.spec import Sample, parse_spec
 
 from safety.alerts import AlertSink, Webhook
 from safety.incident import evidence_of
-from safety.violations import Violation
 
 from .gateway import OpenAIGateway
 from .local_run import rescore_outside
@@ -164,8 +163,7 @@ class Supervisor:
         safety = outcome.safety or {}
         out = []
         for v in safety.get("violations", []):
-            violation = Violation(v["monitor"], v["rule"], v["action"], v["message"], tuple(v["evidence"]), v["at"])
-            evidence = evidence_of(violation, safety, safety.get("started_at"))
+            evidence = evidence_of(v, safety, safety.get("started_at"))
             evidence["stopped_the_shard"] = v == safety.get("stopped_by")
             try:
                 inc = self.store.add_incident(eval_id, rule=f"{v['monitor']}/{v['rule']}", severity=v["severity"],

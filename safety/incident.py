@@ -10,13 +10,13 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from .violations import Violation
 
 TRACE_AROUND = 60  # resource samples kept in an incident (the last ones before the stop)
 
 
-def evidence_of(v: Violation, safety: dict[str, Any], started_at: float | None = None) -> dict[str, Any]:
-    """The stored evidence of violation `v` of one shard, whose guard summary is `safety`."""
+def evidence_of(v: dict[str, Any], safety: dict[str, Any], started_at: float | None = None) -> dict[str, Any]:
+    """The stored evidence of violation `v` (`Violation.as_dict`) of one shard, whose guard
+    summary is `safety`."""
     timeline: list[dict[str, Any]] = []
     if started_at is not None:
         timeline.append({"at": started_at, "what": "sandbox started"})
@@ -26,9 +26,9 @@ def evidence_of(v: Violation, safety: dict[str, Any], started_at: float | None =
     if safety.get("stopped_by") and safety.get("killed_at"):
         timeline.append({"at": safety["killed_at"], "what": "sandbox dead (safety stop)"})
     timeline.sort(key=lambda e: e["at"])
-    return {"monitor": v.monitor, "message": v.message, "lines": list(v.evidence), "timeline": timeline[:50],
-            "resource_trace": list(safety.get("trace", []))[-TRACE_AROUND:], "kill_s": safety.get("kill_s"),
-            "at": v.at}
+    return {"monitor": v["monitor"], "message": v["message"], "lines": list(v["evidence"]),
+            "timeline": timeline[:50], "resource_trace": list(safety.get("trace", []))[-TRACE_AROUND:],
+            "kill_s": safety.get("kill_s"), "at": v["at"]}
 
 
 def report_markdown(eval_id: str, incidents: list[dict[str, Any]]) -> str:

@@ -162,6 +162,10 @@ class ArtifactList(BaseModel):
     artifacts: list[Artifact]
 
 
+def _incident(i: Any) -> dict[str, Any]:
+    return {**i.__dict__, "created_at": i.created_at.isoformat()}
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="stable: clients branch on it")
     message: str = Field(description="for people")
@@ -426,16 +430,10 @@ def build_app(settings: Settings) -> FastAPI:
         """One artifact's bytes. Written by a sandbox: served as an opaque download, never rendered."""
         await readable(eval_id, who)
         try:
-            uri = results.artifact_uri(eval_id, path)
-        except ValueError as exc:
-            raise ApiError(404, "not_found", str(exc)) from None
-        known = {p for p, _, _ in await asyncio.to_thread(results.artifacts, eval_id)}
-        if path not in known:
-            raise ApiError(404, "not_found", f"evaluation {eval_id} has no artifact {path!r}")
-        try:
+            uri = results.artifact_uri(eval_id, path)  # refuses a path that leaves the artifacts
             data = await asyncio.to_thread(read_bytes, uri, settings, MAX_ARTIFACT_DOWNLOAD)
-        except StorageError as exc:
-            raise ApiError(404, "not_found", str(exc)) from None
+        except (ValueError, StorageError):
+            raise ApiError(404, "not_found", f"evaluation {eval_id} has no artifact {path!r}") from None
         name = path.rsplit("/", 1)[-1].replace('"', "")
         return Response(data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{name}"',
@@ -448,8 +446,7 @@ def build_app(settings: Settings) -> FastAPI:
         """The evaluation's safety incidents (rule, severity, action, evidence, timeline,
         resource trace), as JSON or as a Markdown report."""
         await readable(eval_id, who)
-        found = [{**i.__dict__, "created_at": i.created_at.isoformat()}
-                 for i in await asyncio.to_thread(store.incidents, eval_id, 1000)]
+        found = [_incident(i) for i in await asyncio.to_thread(store.incidents, eval_id, 1000)]
         if format == "markdown":
             return Response(report_markdown(eval_id, found), media_type="text/markdown; charset=utf-8")
         return {"id": eval_id, "incidents": found}
@@ -532,11 +529,13 @@ def build_app(settings: Settings) -> FastAPI:
         """The newest incidents of every evaluation the caller may read, newest first."""
         def read() -> list[dict[str, Any]]:
             found = []
+            evaluations: dict[str, Evaluation | None] = {}
             for i in store.incidents(None, limit if who.role != "researcher" else 1000):
-                ev = store.get_evaluation(i.eval_id)
+                if i.eval_id not in evaluations:
+                    evaluations[i.eval_id] = store.get_evaluation(i.eval_id)
+                ev = evaluations[i.eval_id]
                 if ev is not None and who.may_read(ev.owner):
-                    found.append({**i.__dict__, "created_at": i.created_at.isoformat(), "evaluation": ev.name,
-                                  "owner": ev.owner})
+                    found.append({**_incident(i), "evaluation": ev.name, "owner": ev.owner})
             return found[:limit]
 
         return {"incidents": await asyncio.to_thread(read)}

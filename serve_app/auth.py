@@ -83,6 +83,7 @@ class Authenticator:
         self.store = store
         self.settings = settings
         self._jwks: tuple[jwt.PyJWKSet, float] | None = None
+        self._secret: str | None = None  # read once: `proctor up` makes it before the API starts
 
     def __call__(self, header: str | None) -> Principal:
         if not header:
@@ -113,7 +114,8 @@ class Authenticator:
         issuer, alg = claims.get("iss"), header.get("alg")
         s = self.settings
         if issuer == s.jwt_issuer and alg == "HS256":
-            key: Any = platform_secret(s)
+            self._secret = self._secret or platform_secret(s)
+            key: Any = self._secret
             if key is None:
                 raise _refuse("this platform has no JWT secret; use an API key")
             options: dict[str, Any] = {"algorithms": ["HS256"], "issuer": s.jwt_issuer}

@@ -143,7 +143,7 @@ def test_incident_report_markdown() -> None:
     v = Violation("rules", "exfiltration", "stop", "exfiltration in a command", ("curl http://x ```",))
     safety = {"violations": [v.as_dict()], "stopped_by": v.as_dict(), "killed_at": v.at + 0.05, "kill_s": 0.05,
               "trace": [{"t": v.at, "memory": 1e6, "pids": 3}]}
-    evidence = evidence_of(v, safety, v.at - 1)
+    evidence = evidence_of(v.as_dict(), safety, v.at - 1)
     md = report_markdown("ev-1", [{"rule": "rules/exfiltration", "severity": "critical", "action": "stop",
                                    "shard_id": "00000", "evidence": evidence}])
     assert "## rules/exfiltration — critical (stop)" in md and "50 ms" in md

@@ -23,6 +23,7 @@ from proctor.client import Client, ProctorError
 
 REFRESH_S = 2.0
 MAX_LISTED = 1000
+ROWS_KEPT = 32  # finished evaluations whose sample rows the dashboard keeps
 SLOW_REFRESH_S = 10.0
 LOG_LINES = 200  # the view keeps the last lines only
 STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled", "safety_stopped"]
@@ -44,6 +45,7 @@ class Session:
     def __init__(self, api_url: str):
         self.api_url = api_url
         self.clients: dict[str, Client] = {}
+        self.rows: dict[str, pd.DataFrame | None] = {}  # a finished evaluation's rows never change
 
     def client(self, token: str) -> Client:
         if not token:
@@ -196,7 +198,11 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             ev = c.get(eval_id)
             stored = c.shards(eval_id)
             lines = list(c.logs(eval_id, level=level or None, text=grep or None))[-LOG_LINES:]
-            rows = _rows(c, ev)
+            rows = session.rows.get(ev.id) if ev.id in session.rows else _rows(c, ev)
+            if ev.status in FINAL and ev.id not in session.rows:
+                session.rows[ev.id] = rows
+                while len(session.rows) > ROWS_KEPT:
+                    session.rows.pop(next(iter(session.rows)))
             incidents = c.incidents(eval_id)
             artifacts = c.artifacts(eval_id)
         except ProctorError as exc:
