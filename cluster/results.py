@@ -339,6 +339,27 @@ class ResultsStore:
         lines.sort(key=lambda line: (line.get("ts") or 0, str(line.get("shard_id")), line.get("n") or 0))
         return lines
 
+    def write_resources(self, eval_id: str, shard_id: str, attempt: int, samples: Sequence[dict[str, Any]]) -> str:
+        """Keep one shard attempt's resource use over time (the guard's samples) under `_resources/`."""
+        uri = join(self.eval_uri(eval_id), "_resources", f"{shard_id}-a{attempt}.json")
+        write_bytes(uri, json.dumps({"shard_id": shard_id, "attempt": attempt, "samples": list(samples)}).encode(),
+                    self.settings)
+        return uri
+
+    def read_resources(self, eval_id: str) -> list[dict[str, Any]]:
+        """Every ended shard attempt's kept resource samples: [{shard_id, attempt, samples}].
+        A file that does not parse is skipped (its numbers came from a sandbox's runtime)."""
+        found = []
+        for f in list_files(join(self.eval_uri(eval_id), "_resources"), self.settings):
+            try:
+                kept = json.loads(read_bytes(f.uri, self.settings, limit=64 * 1024**2))
+            except ValueError:
+                continue
+            if isinstance(kept, dict) and isinstance(kept.get("samples"), list):
+                found.append({"shard_id": str(kept.get("shard_id")), "attempt": kept.get("attempt"),
+                              "samples": [x for x in kept["samples"] if isinstance(x, dict)]})
+        return found
+
     # ---------------------------------------------------------------- quarantine
 
     def quarantine_uri(self, eval_id: str, *parts: str) -> str:

@@ -125,6 +125,10 @@ class Aggregator:
         await asyncio.to_thread(self.core.store.write_logs, eval_id, shard_id, attempt, lines)
         return len(lines)
 
+    async def store_resources(self, eval_id: str, shard_id: str, attempt: int, samples: list[dict[str, Any]]) -> int:
+        await asyncio.to_thread(self.core.store.write_resources, eval_id, shard_id, attempt, samples)
+        return len(samples)
+
     async def finalize(self, eval_id: str, scorer_names: list[str], extra: dict[str, Any],
                        by: dict[str, str] | None = None) -> dict[str, Any]:
         """Write what is left, compact the parts, and write the summary. Idempotent;

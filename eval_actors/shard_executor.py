@@ -148,6 +148,7 @@ class ShardExecutor:
         self.gateway = gateway
         self.sandbox_dir = sandbox_dir
         self.rescore = rescore
+        self.guard: SafetyGuard | None = None  # the latest run's guard (its resource use, live)
         self.layout = harness_layout(unprivileged=runtime.isolation == "weak")
         self._rulesets: dict[str, RuleSet] = {}
         self.sandbox_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +185,7 @@ class ShardExecutor:
                 sandbox = await self.runtime.launch(request)
             except SandboxError as exc:
                 return self._outcome(run, "failed", str(exc), None, started)
-            run.guard = self._guard(spec, request, sandbox)
+            run.guard = self.guard = self._guard(spec, request, sandbox)
             run.guard.start()
             await sandbox.send(encode(_shard_message(work)))
             watcher = asyncio.create_task(self._watch_cancel(sandbox, cancel)) if cancel else None
@@ -442,7 +443,8 @@ class ShardExecutor:
             error=error, exit=exit_, rejections=tuple(run.rejections), artifacts=tuple(run.artifacts),
             logs=tuple(run.logs), duration_s=time.monotonic() - started, first_event_s=run.first_event_s,
             model_calls=run.model_calls, model_tokens=run.model_tokens,
-            safety=({**run.guard.summary(), "trace": run.guard.trace()} if run.guard is not None else {}),
+            safety=({**run.guard.summary(), "trace": run.guard.trace(), "resources": run.guard.resources()}
+                    if run.guard is not None else {}),
         )
 
 

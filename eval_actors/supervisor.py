@@ -61,6 +61,7 @@ class Supervisor:
         self.gateway = OpenAIGateway(secret=settings.secret)
         self.tasks: dict[tuple[str, str], tuple[asyncio.Task[None], StopSignal]] = {}
         self.samples: dict[str, dict[str, Sample]] = {}
+        self.executors: dict[tuple[str, str], tuple[int, ShardExecutor]] = {}  # running: attempt, executor
         self._handles: dict[str, tuple[Any, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.alerts = AlertSink([Webhook(url, settings.alert_shape, settings.pagerduty_routing_key)
@@ -152,6 +153,15 @@ class Supervisor:
             except asyncio.TimeoutError:
                 log.error("emergency stop of %s/%s: the sandbox was not dead after 10 s", eval_id, shard_id)
         return True
+
+    async def resources(self, eval_id: str) -> list[dict[str, Any]]:
+        """The resource use over time of the evaluation's shards running here."""
+        found = []
+        for (ev, shard_id), (attempt, executor) in list(self.executors.items()):
+            if ev == eval_id and executor.guard is not None:
+                found.append({"shard_id": shard_id, "attempt": attempt, "live": True,
+                              "samples": executor.guard.resources()})
+        return found
 
     async def info(self) -> dict[str, Any]:
         return {"name": self.name, "shards": len(self.tasks), "killed_leftovers": self.killed_leftovers,
@@ -270,8 +280,12 @@ class Supervisor:
                 self._publish([{"type": "log", "eval_id": eval_id, **line}])
 
         executor = ShardExecutor(runtime, self.gateway, self.workdir / runtime.name, rescore=rescore_outside)
-        outcome: ShardOutcome = await executor.run(work, on_event=on_event, cancel=stop, on_record=on_record,
-                                                   sandbox_id=sandbox_id)
+        self.executors[(eval_id, shard_id)] = (attempt, executor)
+        try:
+            outcome: ShardOutcome = await executor.run(work, on_event=on_event, cancel=stop, on_record=on_record,
+                                                       sandbox_id=sandbox_id)
+        finally:
+            self.executors.pop((eval_id, shard_id), None)
         incidents = self._incidents(eval_id, shard_id, outcome)
         if outcome.status == "safety_stopped":
             # its rows and artifacts are moved aside, readable by the safety and admin roles only
@@ -288,6 +302,8 @@ class Supervisor:
                          "level": "warning", "message": f"proctor: {dropped_logs} more log lines were not kept"})
         if logs:
             await aggregator.store_logs.remote(eval_id, shard_id, attempt, logs)
+        if outcome.safety.get("resources"):
+            await aggregator.store_resources.remote(eval_id, shard_id, attempt, outcome.safety["resources"])
         status = outcome.status
         retry = status == "failed" and outcome.exit is None  # the sandbox never started: infrastructure
         try:

@@ -164,6 +164,9 @@ class Evaluation(_Answer):
     scheduled_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    gpus_per_shard: int = 0
+    gpu_type: str | None = None
+    suite: str = ""
 
     @property
     def finished(self) -> bool:
@@ -309,6 +312,10 @@ class _Calls:
     @staticmethod
     def shards(eval_id: str) -> _Call:
         return _Call("GET", _ev(eval_id, "/shards"))
+
+    @staticmethod
+    def resources(eval_id: str) -> _Call:
+        return _Call("GET", _ev(eval_id, "/resources"))
 
     @staticmethod
     def me() -> _Call:
@@ -609,6 +616,11 @@ class Client(_Base):
         """The evaluation's stored spec and its shards' states: {"id", "spec", "shards": [...]}."""
         return self._send(_Calls.shards(eval_id))
 
+    def resources(self, eval_id: str) -> dict[str, Any]:
+        """Each shard's resource use over time: {"id", "gpus_per_shard", "gpu_type", "shards":
+        [{"shard_id", "attempt", "live", "samples": [{"t", "cpu", "memory", ...}]}]}."""
+        return self._send(_Calls.resources(eval_id))
+
     def cluster(self) -> dict[str, Any]:
         """Capacity (CPUs, memory, GPUs by type, free and used) and the queue."""
         return self._send(_Calls.cluster())
@@ -798,6 +810,9 @@ class AsyncClient(_Base):
 
     async def shards(self, eval_id: str) -> dict[str, Any]:
         return await self._send(_Calls.shards(eval_id))
+
+    async def resources(self, eval_id: str) -> dict[str, Any]:
+        return await self._send(_Calls.resources(eval_id))
 
     async def cluster(self) -> dict[str, Any]:
         return await self._send(_Calls.cluster())

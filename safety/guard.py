@@ -144,6 +144,13 @@ class SafetyGuard:
                 return list(m.trace)
         return []
 
+    def resources(self) -> list[dict[str, Any]]:
+        """The shard's resource use over its run so far (for graphs)."""
+        for m in self.monitors:
+            if isinstance(m, ResourceMonitor):
+                return m.series()
+        return []
+
     def summary(self) -> dict[str, Any]:
         return {"violations": [v.as_dict() for v in self.violations], "dropped": self.dropped,
                 "stopped_by": self.stopped.as_dict() if self.stopped else None, "killed_at": self.killed_at,

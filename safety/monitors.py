@@ -23,6 +23,8 @@ Sample = dict[str, float | None]  # metric -> value now (None: unknown)
 
 UNITS = {"memory": "bytes", "pids": "processes", "cpu_s": "CPU seconds", "disk": "bytes", "output": "bytes"}
 TRACE_KEEP = 600  # resource samples kept per shard (at 0.5 s: the last 5 minutes)
+HISTORY_EVERY_S = 2.0  # the shard's resource history (graphs): one sample this often at first,
+HISTORY_KEEP = 300  # at most this many; when full, every other one goes and the step doubles
 
 
 class Monitor(ABC):
@@ -37,7 +39,7 @@ class ResourceMonitor(Monitor):
 
     Crossing `warn_at` of a limit records an early warning (once per metric); reaching the
     limit is a violation with the policy's action (once per metric). `trace` keeps the
-    samples for the incident report."""
+    samples for the incident report; `history` the whole run at a coarser step (graphs)."""
 
     name = "resources"
 
@@ -54,13 +56,17 @@ class ResourceMonitor(Monitor):
         self.broken: set[str] = set()
         self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_KEEP)
         self.peak: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.history_every = HISTORY_EVERY_S
 
     async def check(self) -> list[Violation]:
         if time.monotonic() - self.last < self.every:
             return []
         self.last = time.monotonic()
         now = await self.sample()
-        self.trace.append({"t": round(time.time(), 3), **{k: v for k, v in now.items() if v is not None}})
+        point = {"t": round(time.time(), 3), **{k: v for k, v in now.items() if v is not None}}
+        self.trace.append(point)
+        self._remember(point)
         found = []
         for metric, limit in self.limits.items():
             value = now.get(metric)
@@ -82,6 +88,23 @@ class ResourceMonitor(Monitor):
                                        f"{metric} at {share:.0%} of its limit ({value:.0f} of {limit:.0f} {unit})",
                                        (f"{metric}={value:.0f} limit={limit:.0f}",)))
         return found
+
+    def _remember(self, point: dict[str, Any]) -> None:
+        if len(point) == 1:
+            return  # the runtime measured nothing
+        if self.history and point["t"] - self.history[-1]["t"] < self.history_every:
+            return
+        self.history.append(point)
+        if len(self.history) >= HISTORY_KEEP:  # bounded for any length of run: halve the resolution
+            del self.history[1::2]
+            self.history_every *= 2
+
+    def series(self) -> list[dict[str, Any]]:
+        """The run's resource history, ending with the latest sample."""
+        last = self.trace[-1] if self.trace else None
+        if last is not None and len(last) > 1 and (not self.history or last["t"] > self.history[-1]["t"]):
+            return [*self.history, last]
+        return list(self.history)
 
 
 def disk_usage(root: Path, stop_after: int | None = None) -> int:

@@ -38,6 +38,7 @@ from .auth import Authenticator, Principal
 from .errors import ApiError, install
 from .limits import BodyLimit, RateLimiter
 from .metrics import Metrics
+from .resources import EvaluationResources, merge
 
 STATUSES = ("queued", "scheduled", "running", "succeeded", "failed", "cancelled", "safety_stopped", "interrupted")
 TERMINAL = ("succeeded", "failed", "cancelled", "safety_stopped")
@@ -69,10 +70,21 @@ class EvaluationOut(BaseModel):
     scheduled_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    gpus_per_shard: int = Field(0, description="GPUs each shard asks for")
+    gpu_type: str | None = Field(None, description="the GPU type the shards ask for, if any")
+    suite: str = Field("", description="the task suite: the `suite` label, else the dataset file's name, "
+                                       "else the evaluation's name")
 
     @classmethod
     def of(cls, ev: Evaluation) -> "EvaluationOut":
-        return cls(**{name: getattr(ev, name) for name in cls.model_fields})
+        gpu = (ev.spec.get("sandbox") or {}).get("gpu") or {}
+        return cls(**{name: getattr(ev, name) for name in cls.model_fields if hasattr(ev, name)},
+                   gpus_per_shard=int(gpu.get("count") or 0), gpu_type=gpu.get("type"), suite=suite_of(ev))
+
+
+def suite_of(ev: Evaluation) -> str:
+    path = (ev.spec.get("dataset") or {}).get("path")
+    return ev.labels.get("suite") or (str(path).rsplit("/", 1)[-1].split(".", 1)[0] if path else "") or ev.name
 
 
 class EvaluationPage(BaseModel):
@@ -301,6 +313,22 @@ def build_app(settings: Settings) -> FastAPI:
                      attempt=x.attempt, max_attempts=x.max_attempts, resources=x.resources,
                      supervisor=x.supervisor, placement=x.placement, error=x.error, started_at=x.started_at,
                      finished_at=x.finished_at) for x in shards])
+
+    @app.get("/api/v1/evaluations/{eval_id}/resources", response_model=EvaluationResources, tags=["evaluations"])
+    async def get_resources(eval_id: str, who: Principal = Depends(caller)) -> EvaluationResources:
+        """Each shard's resource use over time (CPU, memory, processes, disk, output; GPU
+        where the runtime reports it): kept for ended shards, live for running ones."""
+        ev = await readable(eval_id, who)
+        stored = await asyncio.to_thread(results.read_resources, eval_id)
+        running = {x.supervisor for x in await asyncio.to_thread(store.shards, eval_id)
+                   if x.status == "running" and x.supervisor}
+        live: list[dict[str, Any]] = []
+        for name in sorted(running):
+            try:
+                live += await asyncio.wait_for(actor(name).resources.remote(eval_id), 5)
+            except (ApiError, asyncio.TimeoutError, ray.exceptions.RayError):
+                continue  # a supervisor that does not answer now: its shards show what was kept
+        return merge(eval_id, ev.spec, stored, live)
 
     async def _stop(eval_id: str, who: Principal, hard: bool) -> Stopped:
         ev = await readable(eval_id, who)

@@ -240,3 +240,33 @@ def test_shards_and_spec_of_an_evaluation(api: Any, finished: dict[str, Any]) ->
     assert (shard["shard_id"], shard["status"], shard["samples"], shard["units"]) == ("00000", "succeeded", 3, 3)
     assert shard["supervisor"].startswith("proctor-supervisor-") and shard["finished_at"]
     assert client.get(f"/api/v1/evaluations/{finished['id']}/shards", headers=auth(tokens["rob"])).status_code == 404
+
+
+def test_resources_of_a_finished_and_a_running_evaluation(api: Any, finished: dict[str, Any]) -> None:
+    client, tokens, _ = api
+    got = client.get(f"/api/v1/evaluations/{finished['id']}/resources", headers=auth(tokens["rita"])).json()
+    [shard] = got["shards"]
+    assert (shard["shard_id"], shard["attempt"], shard["live"]) == ("00000", 0, False)
+    assert any(x.get("memory", 0) > 0 for x in shard["samples"]), shard  # measured by the runtime
+    assert got["gpus_per_shard"] == 0 and got["gpu_type"] is None
+    assert client.get(f"/api/v1/evaluations/{finished['id']}/resources",
+                      headers=auth(tokens["rob"])).status_code == 404
+
+    body = spec("resources-live", samples=1)
+    body.update(model={"adapter": "python", "callable": "proctor.policies.file_agent:solve"}, agentic=True,
+                scorers=[{"type": "includes"}])
+    body["dataset"]["samples"][0]["metadata"] = {"commands": ["sleep 6"], "answer": body["dataset"]["samples"][0]["target"]}
+    eval_id = client.post("/api/v1/evaluations", json=body, headers=auth(tokens["rita"])).json()["id"]
+    live: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shards = client.get(f"/api/v1/evaluations/{eval_id}/resources", headers=auth(tokens["rita"])).json()["shards"]
+        live = [s for s in shards if s["live"]]
+        if live and len(live[0]["samples"]) >= 3:
+            break
+        time.sleep(0.5)
+    assert live and len(live[0]["samples"]) >= 3, live  # grows while it runs
+    assert "cpu" in live[0]["samples"][-1] and live[0]["samples"][-1]["t"] > live[0]["samples"][0]["t"]
+    assert wait_final(client, tokens["rita"], eval_id)["status"] == "succeeded"
+    [kept] = client.get(f"/api/v1/evaluations/{eval_id}/resources", headers=auth(tokens["rita"])).json()["shards"]
+    assert not kept["live"] and len(kept["samples"]) >= len(live[0]["samples"])

@@ -94,6 +94,34 @@ def test_resource_monitor_warns_early_then_stops_once() -> None:
     assert len(monitor.trace) == 5 and monitor.peak["memory"] == 99.5
 
 
+def test_resource_history_stays_bounded_for_any_length_of_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from safety import monitors
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(monitors.time, "time", lambda: clock[0])
+
+    async def sample() -> dict[str, float | None]:
+        return {"memory": clock[0] - 1_000_000.0, "cpu_s": None}
+
+    async def run(seconds: float) -> monitors.ResourceMonitor:
+        m = monitors.ResourceMonitor(sample, {"memory": 1e12}, ResourceWatch(), every=0)
+        for _ in range(int(seconds / 0.5)):
+            clock[0] += 0.5
+            await m.check()
+        return m
+
+    short = asyncio.run(run(10))  # 20 samples at 0.5 s: one kept every 2 s, and the latest
+    series = short.series()
+    assert [x["memory"] for x in series] == [0.5, 2.5, 4.5, 6.5, 8.5, 10.0]
+    assert series[-1]["t"] == clock[0] and "cpu_s" not in series[0]
+    began = clock[0]
+    day = asyncio.run(run(24 * 3600))  # the step doubles, the size stays bounded
+    assert len(day.history) < monitors.HISTORY_KEEP and day.history_every > monitors.HISTORY_EVERY_S
+    spans = [b["t"] - a["t"] for a, b in zip(day.history, day.history[1:])]
+    assert min(spans) >= monitors.HISTORY_EVERY_S and day.series()[-1]["t"] == clock[0]
+    assert day.series()[0]["t"] == began + 0.5  # still from the start of the run
+
+
 def test_disk_usage_counts_files_without_following_links(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"x" * 100_000)
     (tmp_path / "d").mkdir()

@@ -195,6 +195,10 @@ def test_stop_needs_confirming_and_a_viewer_has_no_stop_button(api: Any, dashboa
 
     page = open_as(browser, dashboard, tokens["rita"])
     pick(page, eval_id)
+    page.wait_for_selector("#pr-resources >> text=1 shard attempt(s)", timeout=20_000)  # resource graphs, live
+    page.wait_for_selector("#pr-memory-plot canvas, #pr-memory-plot svg", timeout=20_000)
+    page.locator("#pr-memory-plot").scroll_into_view_if_needed()
+    shot(page, "evaluation-resources")
     page.locator("#pr-stop").click()
     page.wait_for_selector("#pr-confirm", state="visible")
     page.locator("#pr-abort").click()  # a misclick stops nothing

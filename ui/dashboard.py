@@ -10,10 +10,8 @@ emergency stop with a confirmation step), Safety (incidents as they come; stop-a
 
 from __future__ import annotations
 
-import html
-from collections import Counter
-from itertools import islice
 from datetime import datetime, timezone
+from itertools import islice
 from typing import Any
 
 import gradio as gr
@@ -21,21 +19,23 @@ import pandas as pd
 
 from proctor.client import Client, ProctorError
 
+from .views import (FINAL, cluster_html, detail_html, history_frames, incidents_html, live_table, resource_frames,
+                    shards_html, _e)
+
 REFRESH_S = 2.0
 MAX_LISTED = 1000
 ROWS_KEPT = 32  # finished evaluations whose sample rows the dashboard keeps
 SLOW_REFRESH_S = 10.0
 LOG_LINES = 200  # the view keeps the last lines only
 STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled", "safety_stopped"]
-COLOURS = {"queued": "#6b7280", "scheduled": "#2563eb", "running": "#0891b2", "succeeded": "#16a34a",
-           "failed": "#dc2626", "cancelled": "#d97706", "safety_stopped": "#7c3aed", "interrupted": "#6b7280"}
-FINAL = {"succeeded", "failed", "cancelled", "safety_stopped"}
 CSS = """
 .pr-table { width: 100%; border-collapse: collapse; font-size: 14px; }
 .pr-table th, .pr-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
 .pr-badge { color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px; white-space: nowrap; }
 .pr-bar { background: #e5e7eb; border-radius: 3px; height: 10px; width: 160px; display: inline-block; }
 .pr-bar > div { background: #0891b2; height: 10px; border-radius: 3px; }
+.pr-scroll { max-height: 640px; overflow-y: auto; }
+.pr-scroll tr { content-visibility: auto; contain-intrinsic-size: auto 29px; }
 """
 
 
@@ -45,7 +45,7 @@ class Session:
     def __init__(self, api_url: str):
         self.api_url = api_url
         self.clients: dict[str, Client] = {}
-        self.rows: dict[str, pd.DataFrame | None] = {}  # a finished evaluation's rows never change
+        self.rows: dict[str, pd.DataFrame] = {}  # a finished evaluation's rows never change
 
     def client(self, token: str) -> Client:
         if not token:
@@ -53,123 +53,6 @@ class Session:
         if token not in self.clients:
             self.clients[token] = Client(self.api_url, token=token, timeout=10)
         return self.clients[token]
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text if text is not None else ""))
-
-
-def badge(status: str) -> str:
-    return (f'<span class="pr-badge" data-status="{_e(status)}" style="background:{COLOURS.get(status, "#6b7280")}">'
-            f'{_e(status.replace("_", "-"))}</span>')
-
-
-def _seconds(a: datetime | None, b: datetime | None = None) -> float | None:
-    if a is None:
-        return None
-    return ((b or datetime.now(timezone.utc)) - a).total_seconds()
-
-
-def _duration(s: float | None) -> str:
-    if s is None:
-        return ""
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def live_table(evaluations: list[Any]) -> str:
-    rows = []
-    for ev in evaluations:
-        share = ev.done_units / ev.total_units if ev.total_units else 0.0
-        elapsed = _seconds(ev.started_at or ev.created_at, ev.finished_at)
-        left = (elapsed / share - elapsed) if ev.status == "running" and share > 0 and elapsed else None
-        rows.append(
-            f'<tr data-id="{_e(ev.id)}"><td><code>{_e(ev.id)}</code></td><td>{_e(ev.name)}</td><td>{badge(ev.status)}</td>'
-            f'<td><div class="pr-bar" title="{share:.0%}"><div style="width:{100 * share:.1f}%"></div></div> '
-            f'<span class="pr-done">{ev.done_units}/{ev.total_units}</span></td>'
-            f'<td>{_e(ev.owner)}</td><td>{_e(ev.model)}</td><td>{_duration(elapsed)}</td>'
-            f'<td>{_duration(left) if left is not None else ""}</td><td>{_e(ev.wait_reason or "")}</td></tr>')
-    head = "".join(f"<th>{h}</th>" for h in ("id", "name", "status", "progress", "owner", "model", "elapsed",
-                                              "left", "waiting for"))
-    body = "".join(rows) or '<tr><td colspan="9">no evaluations</td></tr>'
-    return f'<table class="pr-table" id="pr-live"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def incidents_html(incidents: list[dict[str, Any]], link: bool = False) -> str:
-    if not incidents:
-        return '<p class="pr-none">no incidents</p>'
-    rows = []
-    for i in incidents:
-        ev = i.get("evidence") or {}
-        lines = "<br>".join(_e(x) for x in (ev.get("lines") or [])[:3])
-        where = (f'<code>{_e(i["eval_id"])}</code> {_e(i.get("evaluation", ""))}' if link else _e(i.get("shard_id")))
-        rows.append(f'<tr class="pr-incident"><td>{_e(i.get("created_at", ""))[:19]}</td><td>{where}</td>'
-                    f'<td><b>{_e(i["rule"])}</b></td><td>{_e(i["severity"])}</td><td>{_e(i["action"])}</td>'
-                    f'<td>{_e(ev.get("message", ""))}<br><small>{lines}</small></td></tr>')
-    head = "".join(f"<th>{h}</th>" for h in ("when", "evaluation" if link else "shard", "rule", "severity",
-                                              "action", "what"))
-    return f'<table class="pr-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
-
-
-def detail_html(ev: Any) -> str:
-    s = ev.summary or {}
-    metrics = "".join(f"<tr><td>{_e(k)}</td><td>{m.get('mean', 0) or 0:.3f}</td>"
-                      f"<td>[{m.get('ci_low') or 0:.3f}, {m.get('ci_high') or 0:.3f}]</td><td>{m.get('n', '')}</td></tr>"
-                      for k, m in (s.get("metrics") or {}).items())
-    table = (f'<table class="pr-table"><thead><tr><th>scorer</th><th>mean</th><th>95% CI</th><th>n</th></tr></thead>'
-             f'<tbody>{metrics}</tbody></table>' if metrics else "")
-    return (f'<h3>{_e(ev.name)} {badge(ev.status)}</h3><p><code>{_e(ev.id)}</code> · owner {_e(ev.owner)} · '
-            f'model {_e(ev.model)} · runtime {_e(ev.runtime)} · {ev.done_units}/{ev.total_units} samples · '
-            f'{ev.total_shards} shards</p>'
-            + (f'<p class="pr-error">{_e(ev.error)}</p>' if ev.error else "")
-            + (f'<p>waiting for: {_e(ev.wait_reason)}</p>' if ev.wait_reason else "") + table)
-
-
-def shards_html(shards: list[dict[str, Any]]) -> str:
-    rows = "".join(
-        f'<tr><td><code>{_e(x["shard_id"])}</code></td><td>{badge(x["status"])}</td><td>{x["units"]}</td>'
-        f'<td>{x["attempt"]}/{x["max_attempts"]}</td><td>{_e(x.get("supervisor") or "")}</td>'
-        f'<td>{_e(x.get("error") or "")}</td></tr>' for x in shards[:500])
-    head = "".join(f"<th>{h}</th>" for h in ("shard", "status", "units", "attempt", "supervisor", "error"))
-    more = f"<p>and {len(shards) - 500} more</p>" if len(shards) > 500 else ""
-    return f'<table class="pr-table" id="pr-shard-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{more}'
-
-
-def cluster_html(c: dict[str, Any], ray_dashboard: str | None) -> str:
-    gpus = "".join(f"<tr><td>{_e(t)}</td><td>{g['total'] - g['free']:g} / {g['total']:g}</td></tr>"
-                   for t, g in (c.get("gpus") or {}).items()) or "<tr><td colspan=2>none</td></tr>"
-    waiting = "".join(f"<li><code>{_e(k)}</code>: {_e(v)}</li>" for k, v in (c.get("waiting") or {}).items())
-    cpus, mem = c.get("cpus", {}), c.get("memory", {})
-    link = f'<p><a href="{_e(ray_dashboard)}" target="_blank">Ray dashboard</a></p>' if ray_dashboard else ""
-    return (f'<table class="pr-table" id="pr-cluster"><tbody>'
-            f'<tr><td>CPUs used</td><td>{cpus.get("total", 0) - cpus.get("free", 0):g} / {cpus.get("total", 0):g}</td></tr>'
-            f'<tr><td>memory used</td><td>{(mem.get("total", 0) - mem.get("free", 0)) / 2**30:.1f} / '
-            f'{mem.get("total", 0) / 2**30:.1f} GiB</td></tr>'
-            f'<tr><td>shards queued</td><td>{c.get("queued_shards", 0)}</td></tr>'
-            f'<tr><td>shards running</td><td>{c.get("running_shards", 0)}</td></tr></tbody></table>'
-            f'<h4>GPUs by type (used / total)</h4><table class="pr-table"><tbody>{gpus}</tbody></table>'
-            f'<h4>Waiting</h4><ul>{waiting or "<li>nothing waits</li>"}</ul>{link}')
-
-
-def history_frames(evaluations: list[Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(outcomes by model, durations, first-scorer score over time per model)."""
-    counts: dict[tuple[str, str], int] = Counter()
-    durations, scores = [], []
-    for ev in evaluations:
-        if ev.status not in FINAL:
-            continue
-        counts[(ev.model, ev.status)] += 1
-        took = _seconds(ev.created_at, ev.finished_at)
-        if took is not None:
-            durations.append({"finished": ev.finished_at, "seconds": took, "model": ev.model})
-        metrics = (ev.summary or {}).get("metrics") or {}
-        first = next(iter(metrics.values()), None)
-        if first and first.get("mean") is not None and ev.finished_at is not None:
-            scores.append({"finished": ev.finished_at, "score": first["mean"], "model": ev.model})
-    outcomes = pd.DataFrame([{"model": m, "status": s, "evaluations": n} for (m, s), n in counts.items()],
-                            columns=["model", "status", "evaluations"])
-    return (outcomes, pd.DataFrame(durations, columns=["finished", "seconds", "model"]),
-            pd.DataFrame(scores, columns=["finished", "score", "model"]))
 
 
 def build(api_url: str, token: str | None = None, ray_dashboard: str | None = None) -> gr.Blocks:
@@ -192,7 +75,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
 
     def refresh_detail(secret: str, role: str, eval_id: str | None, level: str, grep: str) -> tuple[Any, ...]:
         if not secret or not eval_id:
-            return "", "", None, "", "", gr.update(visible=False), "", None
+            return "", "", None, "", "", gr.update(visible=False), "", None, None, None, ""
         c = session.client(secret)
         try:
             ev = c.get(eval_id)
@@ -205,14 +88,15 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                     session.rows.pop(next(iter(session.rows)))
             incidents = c.incidents(eval_id)
             artifacts = c.artifacts(eval_id)
+            cpu, memory, caption = resource_frames(c.resources(eval_id))
         except ProctorError as exc:
-            return f"<p>{_e(exc.message)}</p>", "", None, "", "", gr.update(visible=False), "", None
+            return f"<p>{_e(exc.message)}</p>", "", None, "", "", gr.update(visible=False), "", None, None, None, ""
         log_text = "\n".join(f"{_clock(x.get('ts'))} {x.get('shard_id', '')} {str(x.get('level', '')).upper():7} "
                              f"{x.get('message', '')}" for x in lines)
         files = "".join(f"<li><code>{_e(a.path)}</code> ({a.size} bytes)</li>" for a in artifacts) or "<li>none</li>"
         can_stop = role in ("researcher", "safety", "admin") and ev.status not in FINAL
         return (detail_html(ev), log_text, rows, incidents_html(incidents), f"<ul>{files}</ul>",
-                gr.update(visible=can_stop), shards_html(stored["shards"]), stored["spec"])
+                gr.update(visible=can_stop), shards_html(stored["shards"]), stored["spec"], cpu, memory, caption)
 
     def emergency_stop(secret: str, eval_id: str | None) -> tuple[Any, ...]:
         if not eval_id:
@@ -250,8 +134,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             found = list(islice(session.client(secret).list(text=text or None, limit=500), MAX_LISTED)) if secret else []
         except ProctorError:
             found = []
-        outcomes, durations, scores = history_frames(found)
-        return outcomes, durations, scores
+        return history_frames(found)
 
     def show(*_: Any) -> tuple[Any, ...]:
         return gr.update(visible=True), gr.update(visible=True)
@@ -289,6 +172,13 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                 logs = gr.Textbox(label=f"Logs (last {LOG_LINES} lines)", lines=12, max_lines=12, elem_id="pr-logs",
                                   interactive=False)
                 samples = gr.Dataframe(label="Samples", elem_id="pr-samples", interactive=False)
+                gr.Markdown("### Resources")
+                resources_caption = gr.Markdown(elem_id="pr-resources")
+                with gr.Row():
+                    cpu_plot = gr.LinePlot(x="seconds", y="cores", color="series", label="CPU (cores)",
+                                           elem_id="pr-cpu-plot")
+                    memory_plot = gr.LinePlot(x="seconds", y="MiB", color="series", label="Memory (MiB)",
+                                              elem_id="pr-memory-plot")
                 gr.Markdown("### Shards")
                 shard_table = gr.HTML(elem_id="pr-shards")
                 gr.Markdown("### Incidents")
@@ -309,7 +199,9 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                 cluster = gr.HTML(elem_id="pr-cluster-html")
             with gr.Tab("History", elem_id="pr-tab-history"):
                 history_text = gr.Textbox(label="Search name or model", elem_id="pr-history-search")
-                outcomes = gr.BarPlot(x="model", y="evaluations", color="status", label="Outcomes by model")
+                with gr.Row():
+                    outcomes = gr.BarPlot(x="model", y="evaluations", color="status", label="Outcomes by model")
+                    suites = gr.BarPlot(x="suite", y="evaluations", color="status", label="Outcomes by suite")
                 durations = gr.ScatterPlot(x="finished", y="seconds", color="model", label="Durations (s)")
                 scores = gr.LinePlot(x="finished", y="score", color="model", label="Score over time (first scorer)")
         timer = gr.Timer(REFRESH_S)
@@ -319,7 +211,8 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                   [token_state, role_state, who])
         live_args = ([token_state, status_filter, text_filter], [live, pick])
         detail_args = ([token_state, role_state, pick, level, grep],
-                       [detail, logs, samples, incidents, artifacts, stop, shard_table, spec_view])
+                       [detail, logs, samples, incidents, artifacts, stop, shard_table, spec_view, cpu_plot,
+                        memory_plot, resources_caption])
         for trigger in (timer.tick, status_filter.change, text_filter.submit):
             trigger(refresh_live, *live_args)
         signed.then(refresh_live, *live_args)
@@ -329,8 +222,8 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         slow = gr.Timer(SLOW_REFRESH_S)  # the cluster and the archive change slowly; listing 1,000 costs
         for trigger in (slow.tick, signed.then):
             trigger(refresh_cluster, [token_state], [cluster])
-            trigger(refresh_history, [token_state, history_text], [outcomes, durations, scores])
-        history_text.submit(refresh_history, [token_state, history_text], [outcomes, durations, scores])
+            trigger(refresh_history, [token_state, history_text], [outcomes, suites, durations, scores])
+        history_text.submit(refresh_history, [token_state, history_text], [outcomes, suites, durations, scores])
         stop.click(show, None, [confirm, abort])
         abort.click(hide, None, [confirm, abort])
         confirm.click(emergency_stop, [token_state, pick], [stop_msg, confirm, abort])
@@ -346,11 +239,14 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 8001, block: bo
                 show_error=True)
 
 
-def _rows(client: Client, ev: Any) -> pd.DataFrame | None:
+SAMPLE_COLUMNS = ("sample_id", "epoch", "input", "target", "output", "score", "error")
+
+
+def _rows(client: Client, ev: Any) -> pd.DataFrame:
     if ev.status not in FINAL or not ev.results_uri:
-        return None
+        return pd.DataFrame(columns=list(SAMPLE_COLUMNS))
     table = client.results(ev.id)
-    cols = [c for c in ("sample_id", "epoch", "input", "target", "output", "score", "error") if c in table.column_names]
+    cols = [c for c in SAMPLE_COLUMNS if c in table.column_names]
     return table.select(cols).slice(0, 200).to_pandas()
 
 

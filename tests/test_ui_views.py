@@ -1,0 +1,61 @@
+"""What the dashboard draws, from what the API answers (no browser): resource series and
+graphs, the GPU column, history by suite."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+from serve_app.resources import clean, merge
+from ui.views import gpus_text, history_frames, live_table, resource_frames
+
+
+def test_samples_are_cleaned_and_cpu_derived() -> None:
+    raw = [{"t": 12.0, "cpu_s": 3.0, "memory": 200.0}, {"t": 10.0, "cpu_s": 1.0, "memory": 100.0},
+           {"t": "x"}, "junk", {"t": 14.0, "cpu_s": 3.5, "memory": float("nan"), "pids": True},
+           {"t": 16.0, "cpu_s": 3.0}]  # a counter that went back (a new attempt's sandbox): never negative
+    got = clean(raw)
+    assert [x["t"] for x in got] == [10.0, 12.0, 14.0, 16.0]
+    assert "cpu" not in got[0] and got[1]["cpu"] == 1.0 and got[2]["cpu"] == 0.25 and got[3]["cpu"] == 0.0
+    assert "memory" not in got[2] and "pids" not in got[2]
+
+
+def test_live_series_win_over_stored_ones_of_the_same_attempt() -> None:
+    stored = [{"shard_id": "00001", "attempt": 1, "samples": [{"t": 1.0, "memory": 5.0}]},
+              {"shard_id": "00000", "attempt": 1, "samples": [{"t": 1.0, "memory": 1.0}]}]
+    live = [{"shard_id": "00001", "attempt": 1, "live": True, "samples": [{"t": 1.0}, {"t": 2.0, "memory": 7.0}]}]
+    res = merge("ev-1", {"sandbox": {"gpu": {"count": 2, "type": "A100"}}}, stored, live)
+    assert [(s.shard_id, s.live, len(s.samples)) for s in res.shards] == [("00000", False, 1), ("00001", True, 2)]
+    assert (res.gpus_per_shard, res.gpu_type) == (2, "A100")
+
+
+def test_resource_frames_total_and_per_shard() -> None:
+    res = {"gpus_per_shard": 1, "gpu_type": "H100", "shards": [
+        {"shard_id": f"{i:05d}", "attempt": 0, "samples": [{"t": 100.0, "cpu": 0.5, "memory": 2**20},
+                                                          {"t": 102.0, "cpu": 1.0, "memory": 2 * 2**20}]}
+        for i in range(10)]}
+    cpu, memory, caption = resource_frames(res, shards_drawn=3)
+    total = cpu[cpu["series"] == "all shards"]
+    assert list(total["cores"]) == [5.0, 10.0] and list(total["seconds"]) == [0.0, 2.0]
+    assert set(cpu["series"]) == {"00000", "00001", "00002", "all shards"}
+    assert list(memory[memory["series"] == "all shards"]["MiB"]) == [10.0, 20.0]
+    assert "10 shard attempt(s), 7 more not drawn apart" in caption and "1 × H100 per shard" in caption
+    empty_cpu, _, caption = resource_frames({"shards": []})
+    assert empty_cpu.empty and "no GPUs" in caption
+
+
+def _ev(**kw: object) -> SimpleNamespace:
+    now = datetime.now(timezone.utc)
+    base = dict(id="ev-1", name="n", status="succeeded", done_units=1, total_units=1, owner="o", model="m",
+                started_at=now, created_at=now, finished_at=now, wait_reason=None, gpus_per_shard=0,
+                gpu_type=None, suite="arith", summary=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_gpu_column_and_outcomes_by_suite() -> None:
+    assert gpus_text(_ev()) == "" and gpus_text(_ev(gpus_per_shard=8, gpu_type="H100")) == "8 × H100 / shard"
+    html = live_table([_ev(id="a<b", gpus_per_shard=1, gpu_type="A100")])
+    assert "1 × A100 / shard" in html and "a&lt;b" in html and "<th>GPUs</th>" in html
+    _, suites, _, _ = history_frames([_ev(), _ev(status="failed"), _ev(suite="cyber"), _ev(status="running")])
+    got = {(r.suite, r.status): r.evaluations for r in suites.itertuples()}
+    assert got == {("arith", "succeeded"): 1, ("arith", "failed"): 1, ("cyber", "succeeded"): 1}
