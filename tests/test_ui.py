@@ -212,3 +212,15 @@ def test_stop_needs_confirming_and_a_viewer_has_no_stop_button(api: Any, dashboa
     assert final["status"] in ("cancelled", "failed") or wait_final(client, tokens["rita"], eval_id)["status"] == "cancelled"
     shot(page, "stopped")
     page.close()
+
+
+def test_live_view_colours_every_status_it_lists(api: Any, dashboard: str, browser: Any) -> None:
+    client, tokens, _ = api
+    page = open_as(browser, dashboard, tokens["sam"])  # the safety role sees every owner's evaluations
+    page.wait_for_selector('#pr-live [data-status="safety_stopped"]', timeout=20_000)
+    colours = page.evaluate("() => Object.fromEntries([...document.querySelectorAll('#pr-live .pr-badge')]"
+                            ".map(b => [b.dataset.status, getComputedStyle(b).backgroundColor]))")
+    assert {"succeeded", "safety_stopped", "cancelled"} <= set(colours), colours
+    assert len(set(colours.values())) == len(colours)  # one colour per status
+    shot(page, "live-all")
+    page.close()
