@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ACCEL_PREFIX = "accelerator_type:"
+ACCEL_SLIVER = 0.001
 _EPS = 1e-9
 
 
@@ -42,7 +43,9 @@ class Demand:
         if self.gpus:
             b["GPU"] = float(self.gpus)
             if self.gpu_type:
-                b[ACCEL_PREFIX + self.gpu_type] = float(self.gpus)
+                # Ray gives a GPU node `accelerator_type:<TYPE>: 1` whatever its GPU count (and
+                # overrides a declared one): ask a sliver of it, as Ray's own `accelerator_type=` does
+                b[ACCEL_PREFIX + self.gpu_type] = ACCEL_SLIVER
         return b
 
 

@@ -20,8 +20,9 @@ from ports import free_port
 
 NODES = {
     "head": {"num_cpus": 4},
-    "h100": {"num_cpus": 8, "num_gpus": 4, "resources": {"accelerator_type:H100": 4}},
-    "a100": {"num_cpus": 8, "num_gpus": 2, "resources": {"accelerator_type:A100": 2}},
+    # as Ray itself declares a GPU node: `accelerator_type:<TYPE>: 1` whatever its GPU count
+    "h100": {"num_cpus": 8, "num_gpus": 4, "resources": {"accelerator_type:H100": 1}},
+    "a100": {"num_cpus": 8, "num_gpus": 2, "resources": {"accelerator_type:A100": 1}},
 }
 
 

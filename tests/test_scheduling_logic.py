@@ -105,3 +105,14 @@ def test_event_log_is_bounded_and_reports_gaps() -> None:
     assert len(log.all) == 50 and len(log.by_eval["a"]) == 10
     late = log.since(5, "a")
     assert late["gap"] is True and len(late["events"]) == 10
+
+
+def test_a_multi_gpu_bundle_fits_a_node_as_ray_declares_it() -> None:
+    """Ray gives a GPU node `accelerator_type:<TYPE>: 1` whatever its GPU count; a shard of
+    4 x H100 must still fit a 4-GPU node, and eight 1-GPU shards an 8-GPU one."""
+    node = {"CPU": 16.0, "GPU": 8.0, "memory": 64.0 * GiB, "accelerator_type:H100": 1.0}
+    big = Demand(1, GiB, 4, "H100").bundle()
+    assert big["GPU"] == 4 and all(node[k] >= v for k, v in big.items())
+    small = Demand(1, GiB, 1, "H100").bundle()
+    assert 8 * small["accelerator_type:H100"] <= node["accelerator_type:H100"]
+    assert Node.from_ray("n", node).gpu_type == "H100"
