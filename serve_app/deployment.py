@@ -1,10 +1,13 @@
 """The API as a Ray Serve application (`@serve.ingress` around the FastAPI app).
 
 `proctor up` deploys it; `serve_config.yaml` deploys the same application with
-`serve deploy` (the import path is `serve_app.deployment:app`).
+`serve deploy`, and the KubeRay RayService (`kuberay/rayservice.yaml`) with its
+`serveConfigV2`; both name the builder `serve_app.deployment:app_builder`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ray import serve
 
@@ -29,6 +32,35 @@ def deployment(settings: Settings) -> serve.Application:
     return ProctorAPI.bind()
 
 
-def app_builder(args: dict[str, str]) -> serve.Application:
-    """For `serve deploy`/`serveConfigV2`: settings from the environment."""
-    return deployment(load_settings())
+BUILDER_ARGS = ("start_control_plane",)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """For `serve deploy`/`serveConfigV2`: settings from the environment.
+
+    `args` is the application's `args` in the Serve config. `start_control_plane: "true"`
+    first creates the control plane's actors where they are missing (idempotent, as
+    `proctor up` does), so that a fresh cluster (the KubeRay RayService) needs nothing
+    else; without it the control plane must already be running. Raises `ValueError` for
+    an unknown argument or a value that is not true or false, before anything starts."""
+    unknown = sorted(set(args) - set(BUILDER_ARGS))
+    if unknown:
+        raise ValueError(f"app_builder: unknown args {', '.join(unknown)}; known: {', '.join(BUILDER_ARGS)}")
+    start = _flag("start_control_plane", args.get("start_control_plane", False))
+    settings = load_settings()
+    if start:
+        from eval_actors import control_plane
+
+        control_plane.start(settings)
+    return deployment(settings)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0", ""):
+        return False
+    raise ValueError(f"app_builder: {name}: {value!r} is not true or false")
