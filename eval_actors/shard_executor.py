@@ -180,6 +180,10 @@ class ShardExecutor:
                 env=self.layout.env,
                 ro_binds=self.layout.ro_binds,
                 trace_syscalls=_traced(spec.safety) if self.monitored else (),
+                gpus=spec.sandbox.gpu.count,
+                gpu_type=spec.sandbox.gpu.type,
+                egress=tuple(spec.sandbox.egress),
+                labels=(("proctor.dev/eval-id", work.eval_id), ("proctor.dev/shard-id", work.shard_id)),
             )
             try:
                 sandbox = await self.runtime.launch(request)

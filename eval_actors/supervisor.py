@@ -8,7 +8,10 @@ every row to the aggregator (idempotent), records the outcome in the store, and 
 the scheduler.
 
 A restarted supervisor first kills whatever sandboxes its previous life left behind, so
-none runs unsupervised; the scheduler then retries the shards it had.
+none runs unsupervised; the scheduler then retries the shards it had. Where a cluster is
+configured, it also deletes the sandbox pods of this platform that no running shard owns
+(`_reconcile_pods`); a shard whose pod is gone is retried or failed by the scheduler's
+recovery, like any shard whose sandbox was lost.
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ class Supervisor:
         self.alerts = AlertSink([Webhook(url, settings.alert_shape, settings.pagerduty_routing_key)
                                  for url in settings.alert_webhooks], source=f"proctor/{name}")
         self.killed_leftovers = self._kill_leftovers()
+        self.reconciled_pods: list[str] = []
+        # an async actor's __init__ runs on its event loop
+        reconciling = asyncio.get_event_loop().create_task(self._reconcile_pods())
+        self._tasks.add(reconciling)
+        reconciling.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------ handles
 
@@ -118,12 +126,38 @@ class Supervisor:
             log.warning("supervisor %s: killed %d sandboxes left by its previous life", self.name, killed)
         return killed
 
+    async def _reconcile_pods(self) -> None:
+        """Delete this platform's sandbox pods that no running shard owns: those of this
+        supervisor's previous life, and of shards that ended or moved to a new attempt."""
+        def configured() -> None:  # on a thread: the client takes a moment to import
+            from cluster.runtimes.kubernetes import KubernetesRuntime
+
+            KubernetesRuntime.check(self.settings.kubeconfig)
+
+        try:
+            await asyncio.to_thread(configured)
+        except RuntimeUnavailable:
+            return  # no cluster configured: no pods anywhere
+        try:
+            reconcile = getattr(self._runtime("kubernetes"), "reconcile", None)
+            if reconcile is None:  # a test double of the runtime
+                return
+
+            def live() -> set[str]:  # read after the pods are listed: a pod is made after its shard is marked
+                return {s.sandbox_id for s in self.store.shards_by_status(("scheduled", "running"))
+                        if s.sandbox_id and s.supervisor != self.name}
+
+            self.reconciled_pods = await reconcile(live)
+        except Exception:  # never keep a supervisor from working; the next start tries again
+            log.exception("supervisor %s: could not reconcile sandbox pods", self.name)
+
     def _runtime(self, name: str) -> SandboxRuntime:
         if name not in self.runtimes:
             if self.runtime_factory is not None:
                 self.runtimes[name] = self.runtime_factory(name, self.workdir / name)
             else:
-                self.runtimes[name] = select_runtime(name, self.workdir / name, self.settings.runsc_platform)
+                self.runtimes[name] = select_runtime(name, self.workdir / name, self.settings.runsc_platform,
+                                                     settings=self.settings)
         return self.runtimes[name]
 
     # ------------------------------------------------------------ the work
@@ -165,6 +199,7 @@ class Supervisor:
 
     async def info(self) -> dict[str, Any]:
         return {"name": self.name, "shards": len(self.tasks), "killed_leftovers": self.killed_leftovers,
+                "reconciled_pods": len(self.reconciled_pods),
                 "gateway_calls": sum(l.calls for l in self.gateway.ledgers.values())}
 
     def _incidents(self, eval_id: str, shard_id: str, outcome: ShardOutcome) -> list[dict[str, Any]]:

@@ -60,6 +60,20 @@ class Settings(BaseSettings):
     alert_shape: Literal["json", "pagerduty"] = Field("json", description="the alert body: Proctor's JSON or "
                                                       "PagerDuty Events v2")
     pagerduty_routing_key: str | None = Field(None, description="the integration key of PagerDuty alerts")
+    # the kubernetes sandbox runtime (cluster/runtimes/kubernetes.py)
+    kubeconfig: Path | None = Field(None, description="kubeconfig file of the cluster that runs sandbox pods; "
+                                    "the in-cluster service account if unset")
+    kube_namespace: str = Field("proctor-sandboxes", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                                description="namespace of the sandbox pods (dedicated to them)")
+    kube_image: str = Field("ghcr.io/proctor-dev/proctor-harness:0.1.0", min_length=1,
+                            description="image of the sandbox pods (entrypoint `python -m proctor.podentry`)")
+    kube_instance: str = Field("proctor", pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
+                               description="label value telling apart the pods of platforms sharing a namespace")
+    kube_pending_timeout_s: float = Field(120.0, gt=0, description="how long a pod may stay unschedulable "
+                                          "before its launch fails and the pod is deleted")
+    kube_gpu_node_label: str = Field("nvidia.com/gpu.product", min_length=1,
+                                     description="node label naming the GPU model (NVIDIA GPU feature discovery's)")
+    kube_runtime_class: str = Field("gvisor", min_length=1, description="RuntimeClass of the sandbox pods")
 
     @property
     def sandbox_dir(self) -> Path:

@@ -9,6 +9,7 @@ The spec is versioned (`version`); `EvaluationSpec._migrate` upgrades older docu
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -289,6 +290,9 @@ class SandboxSpec(StrictModel):
     tool_timeout_s: float = Field(60.0, gt=0, le=3600, description="deadline of one shell command the model runs")
     artifacts: list[str] = Field(default_factory=list, max_length=32,
                                  description="glob patterns, relative to each sample's folder, of files kept as artifacts")
+    egress: list[str] = Field(default_factory=list, max_length=64,
+                              description="network destinations the sandbox may reach, as 'CIDR:port' (TCP), e.g. "
+                              "'10.0.0.0/8:443'; only the kubernetes runtime has a network (none by default)")
 
     @field_validator("memory", "output_cap", "disk", mode="before")
     @classmethod
@@ -322,6 +326,32 @@ class SandboxSpec(StrictModel):
         for pattern in v:
             _check_workspace_path(pattern)
         return v
+
+    @field_validator("egress")
+    @classmethod
+    def _egress(cls, v: list[str], info: Any) -> list[str]:
+        if v and info.data.get("runtime") != "kubernetes":
+            raise ValueError(
+                f"runtime {info.data.get('runtime', 'auto')!r} cannot allow egress: local sandboxes (gvisor, "
+                "bubblewrap) have no network; use runtime 'kubernetes' or remove egress"
+            )
+        return [parse_egress(entry) for entry in v]
+
+
+def parse_egress(entry: str) -> str:
+    """'10.0.0.0/8:443' → the same, normalised; '[2001:db8::/32]:443' and '2001:db8::/32:443'
+    for IPv6. Raises `ValueError` naming the entry."""
+    example = "write 'CIDR:port', e.g. '10.0.0.0/8:443' or '203.0.113.7/32:8080'"
+    host, sep, port = entry.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"egress entry {entry!r} has no port; {example}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"egress entry {entry!r}: port {port!r} is not a number from 1 to 65535; {example}")
+    try:
+        network = ipaddress.ip_network(host.removeprefix("[").removesuffix("]"), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"egress entry {entry!r}: {exc}; {example}") from None
+    return f"{network}:{int(port)}"
 
 
 def _check_workspace_path(path: str) -> None:

@@ -37,6 +37,7 @@ SANDBOX_RULES = {  # what supervisors may do in the sandbox namespace, exactly
     ("networking.k8s.io", "networkpolicies"): {"create", "get", "list", "delete"},
     ("", "configmaps"): {"create", "get", "delete"},
     ("", "events"): {"get", "list", "watch"},
+    ("metrics.k8s.io", "pods"): {"get"},
 }
 PLACEHOLDER = "REPLACE-ME"
 

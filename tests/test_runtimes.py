@@ -1,8 +1,14 @@
-"""Isolation of every local runtime, each an assertion on what the sandbox observed.
+"""Isolation of every runtime, each an assertion on what the sandbox observed.
 
-The probes are small Python programs run inside a real sandbox (runsc or bwrap); they
-report what they saw as protocol `log` events. After each, nothing of the sandbox may be
-left: no process, no bundle, no cgroup, no runsc container.
+The probes are small Python programs run inside a real sandbox (runsc or bwrap, or a pod
+of the kubernetes runtime); they report what they saw as protocol `log` events. After
+each, nothing of the sandbox may be left: no process, no bundle, no cgroup, no runsc
+container, no pod.
+
+The kubernetes runtime runs against the API-server double (tests/kubeapi) unless
+`PROCTOR_KUBECONFIG` names a real cluster. The double runs containers as plain local
+processes, so the isolation probes run on pods only against a real cluster: with the
+double, the pod's hardening is asserted on its manifest (test_kubernetes_podspec.py).
 """
 
 from __future__ import annotations
@@ -29,9 +35,69 @@ from cluster.runtimes import (
     SandboxRuntime,
     select_runtime,
 )
+from cluster.runtimes.kubernetes import KubernetesRuntime
 from cluster.runtimes.layout import harness_layout
+from cluster.runtimes.podspec import pod_name
+from kubeapi import KubeApiDouble
+from proctor.settings import Settings, load_settings
 
 pytestmark = pytest.mark.sandbox
+REAL_CLUSTER = load_settings().kubeconfig  # PROCTOR_KUBECONFIG: a real cluster instead of the double
+DOUBLES: dict[int, KubeApiDouble] = {}  # id(runtime) -> the double it talks to
+
+
+# the API-server double runs a pod's container as a local process: it isolates nothing, so
+# the isolation probes run on pods only against a real cluster (PROCTOR_KUBECONFIG); the
+# pod's isolation is asserted on its manifest (test_kubernetes_podspec.py). A pod's pids
+# limit is the kubelet's podPidsLimit (a node setting), not the request's.
+ISOLATING = ["gvisor", "bubblewrap"] + (["kubernetes"] if REAL_CLUSTER else [])
+PIDS_LIMITED = ["gvisor", "bubblewrap"]
+
+
+def _runtime(request: pytest.FixtureRequest, sandbox_root: Path) -> Any:
+    if request.param != "kubernetes":
+        yield request.getfixturevalue("local_runtime_" + request.param)
+        return
+    double = KubeApiDouble() if REAL_CLUSTER is None else None
+    rt = KubernetesRuntime(Settings(home=sandbox_root, kubeconfig=double.kubeconfig if double else REAL_CLUSTER,
+                                    kube_instance=f"conformance-{os.urandom(3).hex()}"))
+    if double is not None:
+        DOUBLES[id(rt)] = double
+    yield rt
+    rt.close()
+    if double is not None:
+        DOUBLES.pop(id(rt))
+        double.close()
+
+
+@pytest.fixture(scope="module", params=["gvisor", "bubblewrap", "kubernetes"])
+def runtime(request: pytest.FixtureRequest, sandbox_root: Path) -> Any:
+    """Each runtime in turn (the conftest's local ones, and pods)."""
+    yield from _runtime(request, sandbox_root)
+
+
+@pytest.fixture(scope="module", params=ISOLATING)
+def isolating_runtime(request: pytest.FixtureRequest, sandbox_root: Path) -> Any:
+    """Each runtime whose isolation can be probed here."""
+    yield from _runtime(request, sandbox_root)
+
+
+@pytest.fixture(scope="module", params=PIDS_LIMITED)
+def pids_limited_runtime(request: pytest.FixtureRequest, sandbox_root: Path) -> Any:
+    yield from _runtime(request, sandbox_root)
+
+
+@pytest.fixture(scope="module")
+def local_runtime_gvisor(sandbox_root: Path) -> SandboxRuntime:
+    GvisorRuntime.check()
+    return GvisorRuntime(sandbox_root / "gvisor")
+
+
+@pytest.fixture(scope="module")
+def local_runtime_bubblewrap(sandbox_root: Path) -> SandboxRuntime:
+    BubblewrapRuntime.check()
+    return BubblewrapRuntime(sandbox_root / "bubblewrap")
+
 
 REPORT = textwrap.dedent(
     """
@@ -77,6 +143,12 @@ def probe(runtime: SandboxRuntime, workspace: Path, code: str, **limits: Any) ->
 def assert_nothing_left(runtime: SandboxRuntime, sid: str) -> None:
     ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert sid not in ps, f"a process of sandbox {sid} is still running"
+    if isinstance(runtime, KubernetesRuntime):
+        pods = asyncio.run(runtime.api.list("pods", runtime.pods.selector))
+        assert pod_name(sid) not in {p["metadata"]["name"] for p in pods}, f"the pod of {sid} is left"
+        double = DOUBLES.get(id(runtime))
+        assert double is None or double.processes() == [], "a container process of the double is left"
+        return
     if isinstance(runtime, GvisorRuntime):
         assert not (runtime.bundles / sid).exists()
         listed = subprocess.run([runtime.runsc, "--root", str(runtime.state), "list", "--quiet"],
@@ -88,7 +160,8 @@ def assert_nothing_left(runtime: SandboxRuntime, sid: str) -> None:
         assert not any(Path("/sys/fs/cgroup", ctrl, "proctor").glob(f"*{sid}")), f"cgroup of {sid} left in {ctrl}"
 
 
-def test_no_network(runtime: SandboxRuntime, workspace: Path) -> None:
+def test_no_network(isolating_runtime: SandboxRuntime, workspace: Path) -> None:
+    runtime = isolating_runtime
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -134,7 +207,8 @@ def test_no_network(runtime: SandboxRuntime, workspace: Path) -> None:
     assert accepted == [], "the host's listener received a connection from the sandbox"
 
 
-def test_secret_outside_binds_is_unreadable(runtime: SandboxRuntime, workspace: Path, tmp_path: Path) -> None:
+def test_secret_outside_binds_is_unreadable(isolating_runtime: SandboxRuntime, workspace: Path, tmp_path: Path) -> None:
+    runtime = isolating_runtime
     secret = tmp_path / "credentials"
     secret.write_text("AKIA-SECRET")
     secret.chmod(0o644)
@@ -151,7 +225,8 @@ def test_secret_outside_binds_is_unreadable(runtime: SandboxRuntime, workspace: 
     assert all(v != "read" for v in seen[0].values()), seen[0]
 
 
-def test_root_filesystem_is_read_only(runtime: SandboxRuntime, workspace: Path) -> None:
+def test_root_filesystem_is_read_only(isolating_runtime: SandboxRuntime, workspace: Path) -> None:
+    runtime = isolating_runtime
     seen, _, _ = probe(runtime, workspace, """
         out = {}
         for p in ["/x", "/usr/x", "/etc/x", "/opt/proctor/lib/x", "/workspace/ok"]:
@@ -170,7 +245,8 @@ def test_root_filesystem_is_read_only(runtime: SandboxRuntime, workspace: Path) 
     assert (workspace / "ok").read_text() == "x"
 
 
-def test_non_root_without_capabilities(runtime: SandboxRuntime, workspace: Path) -> None:
+def test_non_root_without_capabilities(isolating_runtime: SandboxRuntime, workspace: Path) -> None:
+    runtime = isolating_runtime
     seen, _, _ = probe(runtime, workspace, """
         import os
         caps = {l.split(":")[0]: int(l.split()[1], 16) for l in open("/proc/self/status") if l.startswith("Cap")}
@@ -182,7 +258,8 @@ def test_non_root_without_capabilities(runtime: SandboxRuntime, workspace: Path)
     assert out["caps"] and all(v == 0 for v in out["caps"].values()), out["caps"]
 
 
-def test_fork_bomb_is_stopped_by_pids_limit(runtime: SandboxRuntime, workspace: Path) -> None:
+def test_fork_bomb_is_stopped_by_pids_limit(pids_limited_runtime: SandboxRuntime, workspace: Path) -> None:
+    runtime = pids_limited_runtime
     seen, exit_, _ = probe(runtime, workspace, """
         import os, time
         forked, error = 0, None
@@ -248,8 +325,12 @@ def test_host_environment_is_absent(runtime: SandboxRuntime, workspace: Path, mo
     env = seen[0]["env"]
     assert "AWS_SECRET_ACCESS_KEY" not in env
     assert "host-secret" not in json.dumps(env)
-    assert set(env) <= {"PATH", "HOME", "LANG", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
-                        "TMPDIR", "PWD"}
+    allowed = {"PATH", "HOME", "LANG", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "TMPDIR", "PWD"}
+    if isinstance(runtime, KubernetesRuntime):  # what the kubelet and the entrypoint add; no service links
+        allowed |= {"HOSTNAME", "PROCTOR_WORKSPACE", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT",
+                    "KUBERNETES_SERVICE_PORT_HTTPS", "KUBERNETES_PORT", "KUBERNETES_PORT_443_TCP",
+                    "KUBERNETES_PORT_443_TCP_ADDR", "KUBERNETES_PORT_443_TCP_PORT", "KUBERNETES_PORT_443_TCP_PROTO"}
+    assert set(env) <= allowed, set(env) - allowed
 
 
 def test_kill_stops_a_running_sandbox_at_once(runtime: SandboxRuntime, workspace: Path) -> None:

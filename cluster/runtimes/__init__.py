@@ -1,12 +1,14 @@
 """Sandbox runtimes behind one interface, and the choice among them.
 
 `select_runtime("auto", ...)` takes gvisor, else bubblewrap, else refuses with
-`RuntimeUnavailable`: Proctor never runs a shard unsandboxed.
+`RuntimeUnavailable`: Proctor never runs a shard unsandboxed. `kubernetes` (pods in a
+cluster) is only ever chosen by name, never by `auto`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .base import (
     LaunchRequest,
@@ -29,9 +31,10 @@ __all__ = [
 ]
 
 
-def select_runtime(name: str, workdir: Path, runsc_platform: str = "ptrace") -> SandboxRuntime:
-    """The runtime called `name` ('auto' picks the strongest available). Raises
-    `RuntimeUnavailable` with install instructions when none can run here."""
+def select_runtime(name: str, workdir: Path, runsc_platform: str = "ptrace", settings: Any = None) -> SandboxRuntime:
+    """The runtime called `name` ('auto' picks the strongest local one). `settings` (a
+    `proctor.settings.Settings`; read from the environment if not given) configures the
+    kubernetes runtime. Raises `RuntimeUnavailable` saying how to install or configure one."""
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "auto":
         reasons = []
@@ -45,7 +48,13 @@ def select_runtime(name: str, workdir: Path, runsc_platform: str = "ptrace") -> 
             + "\n  ".join(reasons)
         )
     if name == "kubernetes":
-        raise RuntimeUnavailable("kubernetes: the pod runtime runs only inside a cluster deployed from kuberay/")
+        from proctor.settings import load_settings
+
+        from .kubernetes import KubernetesRuntime
+
+        settings = settings or load_settings()
+        KubernetesRuntime.check(settings.kubeconfig)
+        return KubernetesRuntime(settings)
     cls = LOCAL_RUNTIMES.get(name)
     if cls is None:
         raise RuntimeUnavailable(f"{name!r} is not a runtime; known: auto, {', '.join(LOCAL_RUNTIMES)}, kubernetes")

@@ -5,10 +5,11 @@ same lifecycle, in this order: `launch` → `events()` (and `send()`) → `wait(
 `cleanup()`; `kill()` may come at any point, and `cleanup()` is guaranteed to be safe
 after a failed launch, twice, or after a kill. `stats()` reads current resource use.
 
-`ProcessSandbox` does the work shared by runtimes that drive a local host process
-(gvisor, bubblewrap): the wall-clock deadline, the output cap, parsing of the hostile
-channel, a bounded tail of stderr, and kill-once semantics. Subclasses say how to start,
-stop and measure their process.
+`StreamSandbox` holds what every sandbox with a byte-stream channel shares: the
+wall-clock deadline, the output cap, parsing of the hostile channel, a bounded tail of
+stderr, and kill-once semantics. `ProcessSandbox` builds on it for runtimes that drive a
+local host process (gvisor, bubblewrap): subclasses say how to start, stop and measure
+their process. The pod sandbox (kubernetes.py) builds on it with an attach stream.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class LaunchRequest:
     env: tuple[tuple[str, str], ...] = ()
     ro_binds: tuple[tuple[str, str], ...] = ()
     trace_syscalls: tuple[str, ...] = ()  # traced where the runtime can (gVisor: `runsc --strace`)
+    # what only a runtime with nodes and a network can honour (kubernetes); local ones ignore them
+    gpus: int = 0
+    gpu_type: str | None = None  # one of proctor.spec.KNOWN_GPU_TYPES
+    egress: tuple[str, ...] = ()  # "CIDR:port" destinations the sandbox may reach (validated in the spec)
+    labels: tuple[tuple[str, str], ...] = ()  # what it belongs to, e.g. ("proctor.dev/eval-id", ...)
 
 
 @dataclass(frozen=True)
@@ -132,15 +138,15 @@ class SandboxRuntime(ABC):
         """Start a sandbox. Raises `SandboxError`; leaves nothing behind when it does."""
 
 
-class ProcessSandbox(Sandbox):
-    """A sandbox driven through one local host process with piped stdin/stdout/stderr."""
+class StreamSandbox(Sandbox):
+    """A sandbox whose channel is a byte stream read by Proctor: the deadline, the output
+    cap, the stderr tail and the first kill reason, shared by every such runtime."""
 
     read_chunk = 64 * 1024
     stderr_tail_bytes = 16 * 1024
 
     def __init__(self, request: LaunchRequest):
         super().__init__(request)
-        self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self._reason: ExitReason | None = None
         self._detail = ""
@@ -148,9 +154,67 @@ class ProcessSandbox(Sandbox):
         self._stderr: deque[bytes] = deque()
         self._stderr_len = 0
         self._deadline: asyncio.TimerHandle | None = None
+        self._killing: asyncio.Task[None] | None = None
+
+    def _arm_deadline(self) -> None:
+        """Start the wall-clock deadline now (on the event loop's clock)."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.request.limits.timeout_s, self._on_deadline)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def _on_deadline(self) -> None:
+        self._kill_soon("deadline", f"wall-clock deadline of {self.request.limits.timeout_s:g}s reached")
+
+    def _kill_soon(self, reason: ExitReason, detail: str) -> None:
+        if self._killing is None:
+            self._killing = asyncio.ensure_future(self.kill(reason, detail))
+
+    def _note_reason(self, reason: ExitReason, detail: str) -> None:
+        """Remember why the sandbox ends; the first reason wins."""
+        if self._reason is None:
+            self._reason, self._detail = reason, detail
+
+    @property
+    def trace_log(self) -> Path | None:
+        """Where the runtime writes the traced syscalls of `trace_syscalls`; None if it cannot."""
+        return None
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes the sandbox has written so far (stdout and stderr)."""
+        return self._output
+
+    def _count_output(self, n: int) -> bool:
+        self._output += n
+        if self._output > self.request.limits.output_cap_bytes:
+            self._kill_soon("output_cap", f"output cap of {self.request.limits.output_cap_bytes} bytes exceeded")
+            return False
+        return True
+
+    def _keep_stderr(self, chunk: bytes) -> None:
+        """Count a chunk of stderr and keep it in the bounded tail."""
+        if not self._count_output(len(chunk)):
+            return
+        self._stderr.append(chunk)
+        self._stderr_len += len(chunk)
+        while self._stderr_len > self.stderr_tail_bytes and len(self._stderr) > 1:
+            self._stderr_len -= len(self._stderr.popleft())
+
+    def stderr_tail(self) -> str:
+        return b"".join(self._stderr).decode("utf-8", "replace")[-self.stderr_tail_bytes:]
+
+
+class ProcessSandbox(StreamSandbox):
+    """A sandbox driven through one local host process with piped stdin/stdout/stderr."""
+
+    def __init__(self, request: LaunchRequest):
+        super().__init__(request)
+        self.proc: asyncio.subprocess.Process | None = None
         self._stderr_task: asyncio.Task[None] | None = None
         self._exit: SandboxExit | None = None
-        self._killing: asyncio.Task[None] | None = None
 
     # -- what a subclass provides
 
@@ -194,43 +258,13 @@ class ProcessSandbox(Sandbox):
         except Exception as exc:
             await self.cleanup()
             raise SandboxError(f"{self.runtime}: could not start sandbox {self.id}: {exc}") from exc
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self.request.limits.timeout_s, self._on_deadline)
+        self._arm_deadline()
         self._stderr_task = asyncio.create_task(self._drain_stderr())
-
-    def _on_deadline(self) -> None:
-        self._kill_soon("deadline", f"wall-clock deadline of {self.request.limits.timeout_s:g}s reached")
-
-    def _kill_soon(self, reason: ExitReason, detail: str) -> None:
-        if self._killing is None:
-            self._killing = asyncio.ensure_future(self.kill(reason, detail))
-
-    @property
-    def trace_log(self) -> Path | None:
-        """Where the runtime writes the traced syscalls of `trace_syscalls`; None if it cannot."""
-        return None
-
-    @property
-    def output_bytes(self) -> int:
-        """Bytes the sandbox has written so far (stdout and stderr)."""
-        return self._output
-
-    def _count_output(self, n: int) -> bool:
-        self._output += n
-        if self._output > self.request.limits.output_cap_bytes:
-            self._kill_soon("output_cap", f"output cap of {self.request.limits.output_cap_bytes} bytes exceeded")
-            return False
-        return True
 
     async def _drain_stderr(self) -> None:
         assert self.proc and self.proc.stderr
         while chunk := await self.proc.stderr.read(self.read_chunk):
-            if not self._count_output(len(chunk)):
-                continue
-            self._stderr.append(chunk)
-            self._stderr_len += len(chunk)
-            while self._stderr_len > self.stderr_tail_bytes and len(self._stderr) > 1:
-                self._stderr_len -= len(self._stderr.popleft())
+            self._keep_stderr(chunk)
 
     async def events(self) -> AsyncIterator[Any]:
         assert self.proc and self.proc.stdout
@@ -256,8 +290,7 @@ class ProcessSandbox(Sandbox):
             pass
 
     async def kill(self, reason: ExitReason = "killed", detail: str = "") -> None:
-        if self._reason is None:
-            self._reason, self._detail = reason, detail
+        self._note_reason(reason, detail)
         if self.proc is None or self.proc.returncode is not None:
             return
         await self.force_kill()  # first: it may need the process tree intact
@@ -280,8 +313,7 @@ class ProcessSandbox(Sandbox):
                 await asyncio.wait_for(self._stderr_task, 5)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._stderr_task.cancel()
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._disarm_deadline()
         reason, detail = self._reason, self._detail
         if reason is None:
             hint = self.exit_reason_hint(code)
@@ -290,7 +322,7 @@ class ProcessSandbox(Sandbox):
             exit_code=code,
             reason=reason,
             detail=detail,
-            stderr_tail=b"".join(self._stderr).decode("utf-8", "replace")[-self.stderr_tail_bytes:],
+            stderr_tail=self.stderr_tail(),
             duration_s=time.monotonic() - self.started,
         )
         return self._exit
@@ -302,8 +334,7 @@ class ProcessSandbox(Sandbox):
                 await asyncio.wait_for(self.proc.wait(), 10)
             except asyncio.TimeoutError:
                 pass
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._disarm_deadline()
         if self._stderr_task is not None and not self._stderr_task.done():
             self._stderr_task.cancel()
         if self.proc is not None and self.proc.stdin is not None:

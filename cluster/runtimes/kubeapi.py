@@ -1,0 +1,301 @@
+"""The Kubernetes API as the pod runtime uses it, and the one place its errors become ours.
+
+`KubeApi` runs the blocking `kubernetes` client on a thread pool of its own and returns
+the API's JSON as plain dicts. Conversions, here and nowhere else: an `ApiException`, a
+urllib3/socket error or the client's own validation error becomes a `SandboxError`
+(`NotFound` for 404, `Conflict` for 409; a permission error names the RBAC to fix), and
+a configuration that cannot be loaded becomes `RuntimeUnavailable`. 429, 5xx and connection errors are retried with exponential
+backoff (a 429's Retry-After honoured) on the event loop's clock, `RetryPolicy.attempts`
+times at most; the client's own urllib3 retries are off so that the bound is ours.
+
+`PodWatch` follows one pod (a watch with `fieldSelector=metadata.name=...` on a thread,
+resumed from the last resourceVersion; polling when watching fails) and hands each
+version of it to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from .base import RuntimeUnavailable, SandboxError
+
+RETRIED = frozenset({429, 500, 502, 503, 504})
+CONFIG_HINT = ("set PROCTOR_KUBECONFIG to a kubeconfig file, or run Proctor inside the cluster "
+               "(deployed from kuberay/, whose service account may create pods)")
+
+
+class NotFound(SandboxError):
+    """The object does not exist (404). Caught by the runtime: deleting what is gone is done."""
+
+
+class Conflict(SandboxError):
+    """The object already exists (409). Caught by the runtime, which reads or replaces it."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    first_s: float = 0.2
+    max_s: float = 5.0
+    connect_s: float = 5.0
+    read_s: float = 30.0
+
+
+def load_configuration(kubeconfig: Path | None) -> client.Configuration:
+    """The client's configuration from a kubeconfig file, else the in-cluster service
+    account. Raises `RuntimeUnavailable` saying how to give one."""
+    cfg = client.Configuration()
+    try:
+        if kubeconfig is not None:
+            if not Path(kubeconfig).is_file():
+                raise RuntimeUnavailable(f"kubernetes: the kubeconfig {kubeconfig} does not exist; {CONFIG_HINT}")
+            config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
+        else:
+            config.load_incluster_config(client_configuration=cfg)
+    except RuntimeUnavailable:
+        raise
+    except Exception as exc:  # ConfigException, YAML and file errors: all "no usable configuration"
+        where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster configuration"
+        raise RuntimeUnavailable(f"kubernetes: no usable {where} ({exc}); {CONFIG_HINT}") from exc
+    cfg.retries = 0  # retried here, with a bound and backoff
+    return cfg
+
+
+def api_error(exc: ApiException, what: str) -> SandboxError:
+    message = exc.reason or ""
+    try:
+        message = json.loads(exc.body or "{}").get("message") or message
+    except (ValueError, AttributeError):
+        pass
+    denied = exc.status == 401 or (exc.status == 403 and "cannot" in message)  # RBAC: 'User "x" cannot create'
+    hint = " (check the RBAC of Proctor's service account in kuberay/)" if denied else ""
+    cls = {404: NotFound, 409: Conflict}.get(exc.status or 0, SandboxError)
+    return cls(f"kubernetes API: {what}: {exc.status} {message}{hint}")
+
+
+def _retry_after(exc: ApiException) -> float | None:
+    try:
+        return float((exc.headers or {}).get("Retry-After"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _json(resp: Any) -> Any:
+    try:
+        return json.loads(resp.data or b"null")
+    finally:
+        resp.release_conn()
+
+
+class KubeApi:
+    """Namespaced pods, NetworkPolicies and ConfigMaps, and pod metrics, as JSON dicts."""
+
+    def __init__(self, cfg: client.Configuration, namespace: str, retry: RetryPolicy = RetryPolicy()):
+        self.cfg = cfg
+        self.namespace = namespace
+        self.retry = retry
+        self.client = client.ApiClient(cfg)
+        self.core = client.CoreV1Api(self.client)
+        self.net = client.NetworkingV1Api(self.client)
+        self.custom = client.CustomObjectsApi(self.client)
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="proctor-kube")
+        self.calls = {"pods": ("pod", self.core), "networkpolicies": ("network_policy", self.net),
+                      "configmaps": ("config_map", self.core)}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+    def _method(self, verb: str, kind: str) -> Callable[..., Any]:
+        noun, api = self.calls[kind]
+        return getattr(api, f"{verb}_namespaced_{noun}")
+
+    async def call(self, what: str, fn: Callable[..., Any], *args: Any, attempts: int | None = None,
+                   **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the pool, retried; its JSON answer. Raises `SandboxError`."""
+        loop = asyncio.get_running_loop()
+        tries = attempts or self.retry.attempts
+        delay = self.retry.first_s
+        timeout = (self.retry.connect_s, self.retry.read_s)
+        job = functools.partial(fn, *args, _preload_content=False, _request_timeout=timeout, **kwargs)
+        for attempt in range(1, tries + 1):
+            try:
+                return _json(await loop.run_in_executor(self.pool, job))
+            except ApiException as exc:
+                if exc.status not in RETRIED or attempt == tries:
+                    error = api_error(exc, what)
+                    if attempt > 1:
+                        error = type(error)(f"{error} (after {attempt} attempts)")
+                    raise error from exc
+                wait = _retry_after(exc) or delay
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if attempt == tries:
+                    raise SandboxError(f"kubernetes API: {what}: {exc} (after {attempt} attempts)") from exc
+                wait = delay
+            except (ValueError, TypeError) as exc:  # the client's own validation, or an answer that is not JSON
+                raise SandboxError(f"kubernetes API: {what}: {type(exc).__name__}: {exc}") from exc
+            await asyncio.sleep(min(wait, self.retry.max_s) * random.uniform(0.8, 1.0))
+            delay = min(delay * 2, self.retry.max_s)
+        raise AssertionError("unreachable")
+
+    async def create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        return await self.call(f"create {kind}/{name}", self._method("create", kind), self.namespace, body)
+
+    async def get(self, kind: str, name: str, attempts: int | None = None) -> dict[str, Any]:
+        return await self.call(f"read {kind}/{name}", self._method("read", kind), name, self.namespace,
+                               attempts=attempts)
+
+    async def delete(self, kind: str, name: str, grace_s: int | None = None, attempts: int | None = None) -> bool:
+        """Delete `name`; False if it was already gone."""
+        try:
+            await self.call(f"delete {kind}/{name}", self._method("delete", kind), name, self.namespace,
+                            grace_period_seconds=grace_s, propagation_policy="Background", attempts=attempts)
+        except NotFound:
+            return False
+        return True
+
+    async def list(self, kind: str, label_selector: str) -> list[dict[str, Any]]:
+        found = await self.call(f"list {kind}", self._method("list", kind), self.namespace,
+                                label_selector=label_selector)
+        return found.get("items") or []
+
+    async def pod_metrics(self, name: str) -> dict[str, Any]:
+        """The metrics API's view of a pod (metrics-server); one attempt."""
+        return await self.call(f"read metrics of pod/{name}", self.custom.get_namespaced_custom_object,
+                               "metrics.k8s.io", "v1beta1", self.namespace, "pods", name, attempts=1)
+
+    def get_pod_now(self, name: str) -> dict[str, Any] | None:
+        """The pod, read once from this thread; None if it does not exist."""
+        try:
+            return _json(self.core.read_namespaced_pod(name, self.namespace, _preload_content=False,
+                                                       _request_timeout=(self.retry.connect_s, self.retry.read_s)))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
+GONE = None  # what a PodWatch hands over once its pod no longer exists
+
+
+class PodWatch:
+    """Every new version of one pod, on `queue` (the pod's JSON, `GONE`, or a `SandboxError`)."""
+
+    watch_s = 30  # one watch request lasts this long, then resumes from its resourceVersion
+    poll_s = 1.0
+
+    def __init__(self, api: KubeApi, name: str):
+        self.api = api
+        self.name = name
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._stop = threading.Event()
+        self._resp: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"proctor-watch-{name}", daemon=True)
+
+    def start(self) -> "PodWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        resp = self._resp
+        if resp is not None:  # unblock the thread's read at once
+            try:
+                resp.shutdown()
+            except Exception:
+                pass
+
+    def _hand(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            self._stop.set()
+
+    def _run(self) -> None:
+        try:
+            self._watch()
+        except Exception:  # watching is not allowed or broke: read the pod every second instead
+            if not self._stop.is_set():
+                self._poll()
+
+    def _watch(self) -> None:
+        version = None
+        while not self._stop.is_set():
+            if version is None:
+                pod = self.api.get_pod_now(self.name)
+                self._hand(pod)
+                if pod is None:
+                    return
+                version = pod["metadata"]["resourceVersion"]
+            self._resp = self.api.core.list_namespaced_pod(
+                self.api.namespace, field_selector=f"metadata.name={self.name}", watch=True,
+                resource_version=version, timeout_seconds=self.watch_s, allow_watch_bookmarks=True,
+                _preload_content=False, _request_timeout=(self.api.retry.connect_s, self.watch_s + 10))
+            try:
+                for line in _lines(self._resp):
+                    event = json.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        if obj.get("code") == 410:  # too old: read it again and watch from there
+                            version = None
+                            break
+                        raise SandboxError(f"kubernetes API: watch pod/{self.name}: {obj.get('message')}")
+                    version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        self._hand(obj)
+                    elif event.get("type") == "DELETED":
+                        self._hand(GONE)
+                        return
+                    if self._stop.is_set():
+                        return
+            finally:
+                resp, self._resp = self._resp, None
+                resp.release_conn()
+
+    def _poll(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.poll_s):
+            try:
+                pod = self.api.get_pod_now(self.name)
+            except ApiException as exc:
+                if exc.status not in RETRIED:
+                    self._hand(api_error(exc, f"read pod/{self.name}"))
+                    return
+                failures += 1
+            except (urllib3.exceptions.HTTPError, OSError):
+                failures += 1
+            else:
+                failures = 0
+                self._hand(pod)
+                if pod is None:
+                    return
+            if failures >= self.api.retry.attempts:
+                self._hand(SandboxError(f"kubernetes API: read pod/{self.name}: unreachable"))
+                return
+
+
+def _lines(resp: Any) -> Any:
+    """The lines of a streamed response (a watch sends one JSON event per line)."""
+    pending = b""
+    for chunk in resp.stream(16 * 1024, decode_content=False):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield line
+    if pending.strip():
+        yield pending

@@ -1,0 +1,80 @@
+"""Reading a sandbox pod's status (the API's JSON): has it started, and how did it end.
+
+`start_state` says whether a launch may go on (running), must wait (pending, with the
+scheduler's message while unschedulable) or has failed (an image that cannot be pulled,
+a container that cannot be created, a pod that ended or vanished). `end_state` turns a
+finished pod into our exit: OOMKilled → `oom`, Evicted → `killed` ("evicted: ..."),
+DeadlineExceeded → `deadline`, else the container's exit code. A pod is never restarted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .base import ExitReason
+from .podspec import CONTAINER
+
+# a container waiting for one of these will not start without someone changing something
+FATAL_WAITING = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
+    "CreateContainerError", "RunContainerError", "CrashLoopBackOff",
+})
+
+
+@dataclass(frozen=True)
+class StartState:
+    kind: Literal["running", "pending", "failed", "gone"]
+    detail: str = ""
+    unschedulable: str | None = None  # the scheduler's message while the pod cannot be placed
+
+
+def container_status(pod: dict[str, Any]) -> dict[str, Any]:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            return cs
+    return {}
+
+
+def start_state(pod: dict[str, Any] | None) -> StartState:
+    if pod is None:
+        return StartState("gone", "the pod was deleted before it started")
+    status = pod.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    if phase in ("Succeeded", "Failed"):
+        end = end_state(pod)
+        return StartState("failed", end[2] if end and end[2] else f"the pod ended ({phase}) before it was attached")
+    state = container_status(pod).get("state") or {}
+    if "running" in state:
+        return StartState("running")
+    if "terminated" in state:
+        t = state["terminated"]
+        return StartState("failed", f"the container ended before it was attached: {t.get('reason') or ''} "
+                                    f"exit code {t.get('exitCode')}".strip())
+    waiting = state.get("waiting") or {}
+    if waiting.get("reason") in FATAL_WAITING:
+        return StartState("failed", f"{waiting['reason']}: {waiting.get('message') or 'no message'}")
+    for cond in status.get("conditions") or []:
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
+            return StartState("pending", "unschedulable", cond.get("message") or "no node fits the pod")
+    return StartState("pending", waiting.get("reason") or phase)
+
+
+def end_state(pod: dict[str, Any]) -> tuple[int | None, ExitReason, str] | None:
+    """(exit code, reason, detail) of a pod whose container has ended; None while it runs."""
+    status = pod.get("status") or {}
+    phase = status.get("phase")
+    term = (container_status(pod).get("state") or {}).get("terminated")
+    code = term.get("exitCode") if term else None
+    why, message = status.get("reason"), status.get("message") or ""
+    if why == "Evicted":
+        return code, "killed", f"evicted: {message or 'by the kubelet'}"
+    if why == "DeadlineExceeded":
+        return code, "deadline", f"activeDeadlineSeconds reached: {message or 'the pod ran too long'}"
+    if term:
+        if term.get("reason") == "OOMKilled":
+            return code, "oom", "OOMKilled: the container reached its memory limit"
+        return code, "exited", ""
+    if phase in ("Succeeded", "Failed"):
+        return None, "killed", f"the pod {phase.lower()} without a container status: {why or ''} {message}".strip()
+    return None

@@ -1,0 +1,371 @@
+"""The double's scheduler and kubelet: places pods on its configured nodes and runs each
+pod's container as a LOCAL process, in a memory/pids/cpu cgroup of its own when it can.
+
+Scheduling honours requests (cpu, memory, `nvidia.com/gpu`) against what the node has
+left, nodeSelector, required node affinity (In/NotIn/Exists/DoesNotExist) and NoSchedule
+taints; a pod that fits nowhere stays Pending with `PodScheduled=False/Unschedulable` and
+the scheduler's kind of message, and is placed once room frees up.
+
+A container is `command + args` with `python` mapped to this machine's Python, its
+emptyDir volumes mapped to temporary folders (in the command, the environment and the
+working directory), stdin/stdout/stderr on pipes; output nobody is attached to is
+dropped, as a real attach would never see it. It is NOT isolated: trusted test tasks
+only. The memory limit is the cgroup's (the kernel's OOM kill → OOMKilled; without
+cgroups, the process tree's RSS is polled instead), `activeDeadlineSeconds` is enforced
+(DeadlineExceeded), and the kubelet can be told to evict a pod, OOM-kill it or fail
+pulling an image.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes.utils import parse_quantity
+
+from cluster.runtimes.cgroups import CgroupSet
+
+from .store import Store, now_iso
+
+GPU = "nvidia.com/gpu"
+
+
+@dataclass
+class Node:
+    name: str
+    cpu: float = 8
+    memory: int = 32 * 1024**3
+    gpus: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    taints: list[dict[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def gpu_node(cls, name: str, product: str, gpus: int) -> "Node":
+        return cls(name, 64, 512 * 1024**3, gpus, {"nvidia.com/gpu.product": product},
+                   [{"key": GPU, "value": "present", "effect": "NoSchedule"}])
+
+
+def requests_of(pod: dict[str, Any]) -> dict[str, float]:
+    total: Counter[str] = Counter()
+    for c in pod["spec"].get("containers") or []:
+        for k, v in ((c.get("resources") or {}).get("requests") or {}).items():
+            total[k] += float(parse_quantity(v))
+    return dict(total)
+
+
+def _affinity_ok(node: Node, pod: dict[str, Any]) -> bool:
+    if any(node.labels.get(k) != v for k, v in (pod["spec"].get("nodeSelector") or {}).items()):
+        return False
+    required = (((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    terms = required.get("nodeSelectorTerms") or []
+    ops = {"In": lambda v, vs: v in vs, "NotIn": lambda v, vs: v not in vs,
+           "Exists": lambda v, vs: v is not None, "DoesNotExist": lambda v, vs: v is None}
+    return not terms or any(all(ops[e["operator"]](node.labels.get(e["key"]), e.get("values") or [])
+                                for e in t.get("matchExpressions") or []) for t in terms)
+
+
+def _tolerated(taint: dict[str, str], tolerations: list[dict[str, Any]]) -> bool:
+    return any(t.get("key") in (None, taint["key"]) and t.get("effect") in (None, "", taint["effect"])
+               and (t.get("operator") == "Exists" or t.get("value") == taint.get("value")) for t in tolerations)
+
+
+@dataclass
+class Container:
+    pod: str
+    uid: str
+    proc: subprocess.Popen[bytes]
+    root: Path
+    memory_limit: float
+    started: float
+    deadline: float | None
+    session: Any = None  # the attached stream, if any
+    ended: str | None = None  # why the kubelet killed it (OOMKilled, Evicted, DeadlineExceeded, Deleted)
+    message: str = ""
+    pumps: list[threading.Thread] = field(default_factory=list)
+    stdin_closed: bool = False
+    cgroup: CgroupSet | None = None
+
+
+class Kubelet:
+    tick_s = 0.02
+    pod_pids_limit = 1024  # a kubelet's podPidsLimit
+
+    def __init__(self, store: Store, nodes: list[Node], namespace_root: Path):
+        self.store = store
+        self.nodes = nodes
+        self.root = namespace_root
+        self.containers: dict[tuple[str, str], Container] = {}
+        self.bound: dict[tuple[str, str], tuple[str, dict[str, float]]] = {}  # pod -> node, requests
+        self.failing_images: set[str] = set()
+        self.lock = threading.RLock()
+        self.stopped = threading.Event()
+        store.on_delete.append(self._deleted)
+        self.thread = threading.Thread(target=self._loop, name="kubeapi-kubelet", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------ scheduling
+
+    def _loop(self) -> None:
+        ticks = 0
+        while not self.stopped.wait(self.tick_s):
+            ticks += 1
+            with self.store.cond:
+                pods = [(ns, name, copy.deepcopy(o)) for (kind, ns, name), o in self.store.objects.items()
+                        if kind == "pods"]
+            tree = _process_tree() if ticks % 5 == 0 and self.containers else None
+            for ns, name, pod in pods:
+                try:
+                    self._step(ns, name, pod, tree)
+                except Exception as exc:  # a double's bug must show, not hang a test
+                    print(f"kubeapi double: kubelet error on {name}: {exc!r}", file=sys.stderr)
+
+    def _step(self, ns: str, name: str, pod: dict[str, Any], tree: dict[int, list[int]] | None) -> None:
+        status = pod.get("status") or {}
+        if pod["spec"].get("nodeName") is None:
+            self._schedule(ns, name, pod)
+        elif status.get("phase") == "Pending" and (ns, name) not in self.containers:
+            self._start(ns, name, pod)
+        with self.lock:
+            c = self.containers.get((ns, name))
+        if c is not None and c.ended is None:
+            if c.deadline is not None and time.monotonic() > c.deadline:
+                self.terminate(ns, name, "DeadlineExceeded")
+            elif c.cgroup is None and tree is not None and _rss(c.proc.pid, tree) > c.memory_limit:
+                self.terminate(ns, name, "OOMKilled")
+
+    def _schedule(self, ns: str, name: str, pod: dict[str, Any]) -> None:
+        want = requests_of(pod)
+        why: Counter[str] = Counter()
+        chosen = None
+        for node in self.nodes:
+            used: Counter[str] = Counter()
+            for other_node, other in self.bound.values():
+                if other_node == node.name:
+                    used.update(other)
+            free = {"cpu": node.cpu - used["cpu"], "memory": node.memory - used["memory"], GPU: node.gpus - used[GPU]}
+            short = [k for k in ("cpu", "memory", GPU) if want.get(k, 0) > free[k] + 1e-9]
+            untolerated = [t for t in node.taints if not _tolerated(t, pod["spec"].get("tolerations") or [])]
+            if not _affinity_ok(node, pod):
+                why["node(s) didn't match Pod's node affinity/selector"] += 1
+            elif untolerated:
+                taint = untolerated[0]
+                why[f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"] += 1
+            elif short:
+                why[f"Insufficient {short[0]}"] += 1
+            elif chosen is None:
+                chosen = node
+        if chosen is not None:
+            self.bound[(ns, name)] = (chosen.name, want)
+
+            def bind(p: dict[str, Any]) -> None:
+                p["spec"]["nodeName"] = chosen.name
+                p["status"] = {"phase": "Pending", "startTime": now_iso(), "hostIP": "10.0.0.1",
+                               "conditions": [{"type": "PodScheduled", "status": "True",
+                                               "lastTransitionTime": now_iso()}],
+                               "containerStatuses": [self._status(p, {"waiting": {"reason": "ContainerCreating"}})]}
+            if self.store.update("pods", ns, name, bind) is None:  # deleted meanwhile
+                self.bound.pop((ns, name), None)
+            return
+        message = (f"0/{len(self.nodes)} nodes are available: "
+                   + ", ".join(f"{n} {reason}" for reason, n in sorted(why.items())) + ".")
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        if not any(c.get("message") == message for c in conditions):
+            def unschedulable(p: dict[str, Any]) -> None:
+                p["status"] = {"phase": "Pending", "conditions": [{
+                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                    "lastTransitionTime": now_iso()}]}
+            self.store.update("pods", ns, name, unschedulable)
+
+    @staticmethod
+    def _status(pod: dict[str, Any], state: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        c = pod["spec"]["containers"][0]
+        return {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": "running" in state,
+                "restartCount": 0, "started": "running" in state, "state": state, **extra}
+
+    # ------------------------------------------------------------ running
+
+    def _start(self, ns: str, name: str, pod: dict[str, Any]) -> None:
+        spec = pod["spec"]
+        c = spec["containers"][0]
+        registry = (c.get("image") or "").split("/")[0]
+        if c.get("image") in self.failing_images or registry.endswith(".invalid"):  # as no registry answers
+            state = (pod.get("status") or {}).get("containerStatuses", [{}])[0].get("state", {})
+            pulled_once = (state.get("waiting") or {}).get("reason") == "ErrImagePull"
+            reason = "ImagePullBackOff" if pulled_once else "ErrImagePull"
+            if (state.get("waiting") or {}).get("reason") != reason:
+                message = f'Back-off pulling image "{c["image"]}"' if reason == "ImagePullBackOff" \
+                    else f'failed to pull image "{c["image"]}": not found'
+                self.store.update("pods", ns, name, lambda p: p["status"].update(
+                    containerStatuses=[self._status(p, {"waiting": {"reason": reason, "message": message}})]))
+            return
+        root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.root))
+        mounts = {}
+        for volume in spec.get("volumes") or []:
+            (root / volume["name"]).mkdir()
+        for mount in c.get("volumeMounts") or []:
+            mounts[mount["mountPath"]] = str(root / mount["name"])
+
+        def mapped(text: str) -> str:
+            for inside, outside in mounts.items():
+                if text == inside or text.startswith(inside + "/"):
+                    return outside + text[len(inside):]
+            return text
+
+        argv = [mapped(a) for a in [*(c.get("command") or []), *(c.get("args") or [])]]
+        if argv and argv[0] == "python":
+            argv[0] = sys.executable
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOSTNAME": name}
+        env.update({e["name"]: mapped(e.get("value", "")) for e in c.get("env") or []})
+        limits = (c.get("resources") or {}).get("limits") or {}
+        memory = float(parse_quantity(limits["memory"])) if "memory" in limits else float("inf")
+        cpus = float(parse_quantity(limits.get("cpu", "64")))
+        cgroup = CgroupSet.create(f"kubeapi-{pod['metadata']['uid']}", int(min(memory, 2**62)),
+                                  self.pod_pids_limit, cpus)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, cwd=mapped(c.get("workingDir") or "/"), start_new_session=True,
+                                preexec_fn=cgroup.attach if cgroup is not None else None)
+        deadline = spec.get("activeDeadlineSeconds")
+        container = Container(name, pod["metadata"]["uid"], proc, root, memory, time.monotonic(),
+                              time.monotonic() + deadline if deadline else None, cgroup=cgroup)
+        with self.lock:
+            self.containers[(ns, name)] = container
+        running = self.store.update("pods", ns, name, lambda p: p["status"].update(
+            phase="Running", podIP="10.1.0.7",
+            conditions=[*p["status"]["conditions"], {"type": "Ready", "status": "True"}],
+            containerStatuses=[self._status(p, {"running": {"startedAt": now_iso()}})]))
+        for stream, channel in ((proc.stdout, 1), (proc.stderr, 2)):
+            pump = threading.Thread(target=self._pump, args=(container, stream, channel), daemon=True)
+            pump.start()
+            container.pumps.append(pump)
+        threading.Thread(target=self._reap, args=(ns, name, container), daemon=True).start()
+        if running is None:  # deleted meanwhile
+            self.terminate(ns, name, "Deleted")
+
+    def _pump(self, c: Container, stream: Any, channel: int) -> None:
+        while chunk := os.read(stream.fileno(), 64 * 1024):
+            session = c.session
+            if session is not None:
+                session.send(channel, chunk)
+
+    def _reap(self, ns: str, name: str, c: Container) -> None:
+        code = c.proc.wait()
+        for pump in c.pumps:
+            pump.join(5)
+        for pipe in (c.proc.stdout, c.proc.stderr, c.proc.stdin):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        code = 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+        session = c.session
+        if session is not None:
+            session.finish()
+        if c.ended is None and c.cgroup is not None and c.cgroup.oom_killed():
+            c.ended = "OOMKilled"
+        if c.cgroup is not None:
+            c.cgroup.remove()
+        reason = c.ended or ("Completed" if code == 0 else "Error")
+
+        def ended(p: dict[str, Any]) -> None:
+            terminated = {"exitCode": code, "reason": "OOMKilled" if reason == "OOMKilled" else
+                          ("Completed" if code == 0 else "Error"), "startedAt": now_iso(), "finishedAt": now_iso()}
+            p["status"]["containerStatuses"] = [self._status(p, {"terminated": terminated})]
+            p["status"]["phase"] = "Succeeded" if code == 0 and reason == "Completed" else "Failed"
+            p["status"]["conditions"] = [x for x in p["status"].get("conditions", []) if x["type"] != "Ready"]
+            if reason == "Evicted":
+                p["status"].update(reason="Evicted", message=c.message or "evicted")
+            elif reason == "DeadlineExceeded":
+                p["status"].update(reason="DeadlineExceeded",
+                                   message="Pod was active on the node longer than the specified deadline")
+        if reason != "Deleted":
+            self.store.update("pods", ns, name, ended)
+        with self.lock:
+            self.containers.pop((ns, name), None)
+            self.bound.pop((ns, name), None)
+        shutil.rmtree(c.root, ignore_errors=True)
+
+    def terminate(self, ns: str, name: str, why: str, message: str = "") -> bool:
+        """Kill the pod's container as the kubelet would for `why` (OOMKilled, Evicted,
+        DeadlineExceeded, Deleted)."""
+        with self.lock:
+            c = self.containers.get((ns, name))
+            if c is None or c.ended is not None:
+                return False
+            c.ended = why
+            c.message = message
+        try:
+            os.killpg(c.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if c.cgroup is not None:
+            c.cgroup.kill_all(timeout=1.0)
+        return True
+
+    def _deleted(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind == "pods":
+            key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+            self.terminate(*key, "Deleted")
+            with self.lock:
+                self.bound.pop(key, None)
+
+    def container(self, ns: str, name: str) -> Container | None:
+        with self.lock:
+            return self.containers.get((ns, name))
+
+    def close(self) -> None:
+        self.stopped.set()
+        with self.lock:
+            keys = list(self.containers)
+        for key in keys:
+            self.terminate(*key, "Deleted")
+        self.thread.join(5)
+        end = time.monotonic() + 5
+        while self.containers and time.monotonic() < end:
+            time.sleep(0.02)
+
+
+def _process_tree() -> dict[int, list[int]]:
+    """Parent pid → child pids, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+                children.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return children
+
+
+def _rss(pid: int, tree: dict[int, list[int]]) -> int:
+    """Resident bytes of `pid` and every process below it."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        todo.extend(tree.get(p, []))
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def rss(pid: int) -> int:
+    return _rss(pid, _process_tree())

@@ -1,0 +1,335 @@
+"""The kubernetes runtime end to end, against the API-server double (tests/kubeapi).
+
+The cluster is found only through the kubeconfig setting: with `PROCTOR_KUBECONFIG` set,
+these tests run against that cluster instead (those that need the double's fault
+injection are skipped there). After every test, no pod of the test's platform instance
+and no container process may be left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.runtimes import RuntimeUnavailable, SandboxError, select_runtime
+from cluster.runtimes.kubernetes import KubernetesRuntime
+from eval_actors.gateway import ModelGateway
+from eval_actors.shard_executor import ShardExecutor, ShardWork
+from kubeapi import A100_NODE, KubeApiDouble, testing
+from kubeapi.testing import FAST, REPORT, first_event, needs_double, request
+from proctor.protocol import GenerateResult
+from proctor.settings import Settings
+from proctor.spec import parse_spec
+
+double = pytest.fixture(scope="module")(testing.double)
+settings = pytest.fixture(scope="module")(testing.settings)
+runtime = pytest.fixture(testing.runtime)
+workspace = pytest.fixture(testing.workspace)
+
+
+# ---------------------------------------------------------------- a shard, end to end
+
+
+class AnswerFour(ModelGateway):
+    """A model gateway that answers every call with "4" (no network)."""
+
+    async def _complete(self, call: Any) -> GenerateResult:
+        return GenerateResult(id=call.event.id, output="4")
+
+
+def test_a_shard_runs_in_a_pod_and_its_samples_are_scored(runtime: Any, double: Any, tmp_path: Path) -> None:
+    spec = parse_spec({
+        "name": "kube", "model": {"adapter": "openai", "model": "m", "base_url": "http://gateway.invalid/v1"},
+        "dataset": {"samples": [{"id": str(i), "input": f"{i} + {4 - i}?", "target": "4"} for i in range(3)]},
+        "scorers": [{"type": "exact"},
+                    {"type": "command", "name": "workspace", "command": 'test "$(cat ../data/answer.txt)" = 42'}],
+        "sandbox": {"runtime": "kubernetes", "memory": "256Mi", "timeout_s": 60, "files": {"data/answer.txt": "42"}},
+    })
+    work = ShardWork("ev-kube", "s0000", spec, tuple(spec.dataset.samples or ()))
+    gateway = AnswerFour()
+    executor = ShardExecutor(runtime, gateway, tmp_path / "sandboxes")
+    seen: list[str] = []
+    outcome = asyncio.run(executor.run(work, on_event=lambda e: seen.append(e.type)))
+    assert outcome.status == "succeeded", (outcome.error, outcome.exit)
+    assert (outcome.runtime, outcome.isolation) == ("kubernetes", "strong")
+    assert [r.scores for r in outcome.records] == [{"exact": 1.0, "workspace": 1.0}] * 3  # files reached the pod
+    assert outcome.model_calls == 3  # every generate went out through the attach stream and back
+    assert seen[0] == "log" and seen.count("sample") == 3 and seen[-1] == "done"
+    assert outcome.exit is not None and outcome.exit.reason == "exited" and outcome.exit.exit_code == 0
+    if double is not None:
+        pod = next(o for _, kind, _, t, o in double.store.log if kind == "pods" and t == "ADDED"
+                   and o["metadata"]["annotations"]["proctor.dev/eval-id"] == "ev-kube")
+        assert pod["metadata"]["labels"]["proctor.dev/shard-id"] == "s0000"
+
+
+def test_events_stream_in_order_and_send_reaches_the_pod(runtime: Any, workspace: Path) -> None:
+    code = REPORT + textwrap.dedent("""
+        import sys
+        report(ready=True)
+        for line in sys.stdin:
+            if line.strip() == "bye":
+                break
+            report(echo=line.strip())
+    """)
+
+    async def go() -> tuple[list[dict[str, Any]], Any]:
+        sandbox = await runtime.launch(request(workspace, code))
+        seen = []
+        try:
+            async for event in sandbox.events():
+                seen.append(json.loads(event.message))
+                if len(seen) <= 3:
+                    await sandbox.send(b"bye\n" if len(seen) == 3 else f"line {len(seen)}\n".encode())
+            return seen, await sandbox.wait()
+        finally:
+            await sandbox.cleanup()
+
+    seen, exit_ = asyncio.run(go())
+    assert seen == [{"ready": True}, {"echo": "line 1"}, {"echo": "line 2"}]
+    assert (exit_.reason, exit_.exit_code) == ("exited", 0)
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def test_kill_deletes_the_pod_within_a_second(runtime: Any, workspace: Path) -> None:
+    async def go() -> tuple[float, Any, Any]:
+        sandbox = await runtime.launch(request(workspace))
+        try:
+            await first_event(sandbox)
+            t0 = time.monotonic()
+            await sandbox.kill("killed", "test")
+            took = time.monotonic() - t0
+            try:
+                await runtime.api.get("pods", sandbox.pod, attempts=1)
+                gone = False
+            except SandboxError as exc:
+                gone = "404" in str(exc)
+            exit_ = await sandbox.wait()
+            await sandbox.kill("deadline", "a second kill changes nothing")
+            return took, gone, exit_
+        finally:
+            await sandbox.cleanup()
+            await sandbox.cleanup()  # twice is safe
+
+    took, gone, exit_ = asyncio.run(go())
+    assert took < 1.0 and gone
+    assert (exit_.reason, exit_.detail) == ("killed", "test")
+
+
+def test_the_wall_clock_deadline_ends_the_pod(runtime: Any, workspace: Path) -> None:
+    async def go() -> Any:
+        sandbox = await runtime.launch(request(workspace, timeout_s=1.5))
+        try:
+            return await asyncio.wait_for(sandbox.wait(), 20)
+        finally:
+            await sandbox.cleanup()
+
+    assert asyncio.run(go()).reason == "deadline"
+
+
+def test_a_memory_hog_ends_as_oom(runtime: Any, workspace: Path) -> None:
+    code = REPORT + "hog = []\nreport(up=True)\nwhile True:\n    hog.append(bytearray(8 * 1024 * 1024))\n"
+
+    async def go() -> Any:
+        sandbox = await runtime.launch(request(workspace, code, memory_bytes=128 * 1024**2))
+        try:
+            async for _ in sandbox.events():
+                pass
+            return await sandbox.wait()
+        finally:
+            await sandbox.cleanup()
+
+    exit_ = asyncio.run(go())
+    assert exit_.reason == "oom" and "OOMKilled" in exit_.detail and exit_.exit_code == 137
+
+
+@needs_double
+@pytest.mark.parametrize("fault, reason, detail", [
+    ("evict", "killed", "evicted: The node was low on resource: memory."),
+    ("expire", "deadline", "activeDeadlineSeconds reached"),
+    ("oom_kill", "oom", "OOMKilled"),
+])
+def test_the_kubelet_ending_a_pod_is_reported_and_never_restarted(runtime: Any, double: Any, workspace: Path,
+                                                                  fault: str, reason: str, detail: str) -> None:
+    async def go() -> Any:
+        sandbox = await runtime.launch(request(workspace))
+        try:
+            await first_event(sandbox)
+            assert getattr(double, fault)(sandbox.pod)
+            return await asyncio.wait_for(sandbox.wait(), 20)
+        finally:
+            await sandbox.cleanup()
+
+    created = double.count("POST", "/pods")
+    exit_ = asyncio.run(go())
+    assert exit_.reason == reason and exit_.detail.startswith(detail), exit_
+    assert double.count("POST", "/pods") == created + 1  # one pod, never a second one
+
+
+# ---------------------------------------------------------------- launches that fail
+
+
+def test_an_unschedulable_pod_fails_with_the_schedulers_reason_and_is_deleted(runtime: Any, workspace: Path) -> None:
+    req = request(workspace, gpus=16, gpu_type="A100")
+    started = time.monotonic()
+    with pytest.raises(SandboxError) as info:
+        asyncio.run(runtime.launch(req))
+    message = str(info.value)
+    assert "could not be scheduled within 1s" in message and "nodes are available" in message
+    assert "Insufficient nvidia.com/gpu" in message
+    assert time.monotonic() - started < 10
+    assert not asyncio.run(runtime.api.list("pods", runtime.pods.selector))
+
+
+@needs_double
+def test_a_gpu_pod_lands_on_a_node_of_its_type(runtime: Any, double: Any, workspace: Path) -> None:
+    async def go() -> str:
+        sandbox = await runtime.launch(request(workspace, gpus=2, gpu_type="A100", cpus=4))
+        try:
+            return double.pod(sandbox.pod)["spec"]["nodeName"]
+        finally:
+            await sandbox.kill()
+            await sandbox.cleanup()
+
+    assert asyncio.run(go()) == A100_NODE.name
+
+
+def test_an_image_that_cannot_be_pulled_fails_the_launch(settings: Settings, workspace: Path) -> None:
+    rt = KubernetesRuntime(settings.model_copy(update={"kube_image": "registry.invalid/proctor/missing:0"}),
+                           retry=FAST)
+    try:
+        with pytest.raises(SandboxError, match="ErrImagePull|ImagePullBackOff"):
+            asyncio.run(rt.launch(request(workspace)))
+        assert not asyncio.run(rt.api.list("pods", rt.pods.selector))
+    finally:
+        rt.close()
+
+
+@needs_double
+def test_api_errors_are_retried_with_backoff(runtime: Any, double: Any, workspace: Path) -> None:
+    double.fail_next(2, 503, "POST", "/pods")
+    double.fail_next(1, 429, "GET", "/configmaps/")
+    double.fail_next(1, 500, "DELETE", "/pods/")
+    before = double.count("POST", "/pods")
+
+    async def go() -> Any:
+        sandbox = await runtime.launch(request(workspace, REPORT + "report(up=True)\n"))
+        try:
+            async for _ in sandbox.events():
+                pass
+            return await sandbox.wait()
+        finally:
+            await sandbox.kill()
+            await sandbox.cleanup()
+
+    assert asyncio.run(go()).reason in ("exited", "killed")
+    assert double.count("POST", "/pods") == before + 3
+
+
+@needs_double
+def test_persistent_api_errors_fail_the_launch_after_bounded_retries(runtime: Any, double: Any,
+                                                                     workspace: Path) -> None:
+    double.fail_next(100, 500, "POST", "/pods")
+    before = double.count("POST", "/pods")
+    with pytest.raises(SandboxError, match=r"create pods/.*: 500 .*after 4 attempts"):
+        asyncio.run(runtime.launch(request(workspace)))
+    assert double.count("POST", "/pods") == before + 4  # bounded
+
+
+def test_a_missing_kubeconfig_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeUnavailable, match="PROCTOR_KUBECONFIG"):
+        select_runtime("kubernetes", tmp_path, settings=Settings(kubeconfig=tmp_path / "nope"))
+    with pytest.raises(RuntimeUnavailable, match="PROCTOR_KUBECONFIG"):
+        KubernetesRuntime.check(None)  # no in-cluster service account here
+
+
+def test_select_runtime_builds_it_and_auto_never_picks_it(settings: Settings, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = select_runtime("kubernetes", tmp_path, settings=settings)
+    assert isinstance(rt, KubernetesRuntime) and (rt.name, rt.isolation) == ("kubernetes", "strong")
+    rt.close()
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(RuntimeUnavailable, match="refuses"):
+        select_runtime("auto", tmp_path, settings=settings)
+
+
+
+
+def test_cleanup_is_safe_after_a_failed_launch_and_twice(runtime: Any, workspace: Path) -> None:
+    async def go() -> None:
+        sandbox = await runtime.launch(request(workspace, REPORT + "report(up=True)\n"))
+        async for _ in sandbox.events():
+            pass
+        await sandbox.wait()
+        await sandbox.cleanup()
+        await sandbox.cleanup()
+        assert await sandbox.wait() is await sandbox.wait()
+
+    asyncio.run(go())
+    (workspace / "big").write_bytes(b"x" * 4096)
+    with pytest.raises(SandboxError, match="more than 1024 bytes"):  # over the disk limit: nothing is made
+        asyncio.run(runtime.launch(request(workspace, disk_bytes=1024)))
+
+
+@needs_double
+def test_stats_come_from_the_metrics_api(runtime: Any, workspace: Path) -> None:
+    async def go() -> Any:
+        sandbox = await runtime.launch(request(workspace))
+        try:
+            await first_event(sandbox)
+            stats = await sandbox.stats()
+            assert await sandbox.stats() is stats  # asked at most every few seconds
+            return stats, sandbox.trace_log
+        finally:
+            await sandbox.kill()
+            await sandbox.cleanup()
+
+    stats, trace_log = asyncio.run(go())
+    assert stats.memory_bytes and stats.memory_bytes > 1024**2 and stats.cpu_seconds is None
+    assert trace_log is None
+
+
+def test_the_api_servers_refusals_become_sandbox_errors(runtime: Any, settings: Settings, double: Any,
+                                                        workspace: Path) -> None:
+    bad_name = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "Not_A_Name"},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
+    with pytest.raises(SandboxError, match=r"create pods/Not_A_Name: 422 .*Invalid value"):
+        asyncio.run(runtime.api.create("pods", bad_name))
+    unknown = {**bad_name, "metadata": {"name": "ok"}, "spec": {"containers": [{"name": "c", "bogus": 1}]}}
+    with pytest.raises(SandboxError, match="(?s)create pods/ok: ValidationError.*bogus"):  # the client refuses it
+        asyncio.run(runtime.api.create("pods", unknown))
+    rt = KubernetesRuntime(settings.model_copy(update={"kube_runtime_class": "no-such-class"}), retry=FAST)
+    try:
+        with pytest.raises(SandboxError, match='403 .*RuntimeClass "no-such-class" not found'):
+            asyncio.run(rt.launch(request(workspace)))
+    finally:
+        rt.close()
+
+
+@needs_double
+def test_client_certificates_from_the_kubeconfig_authenticate_the_api_and_the_attach(workspace: Path,
+                                                                                      tmp_path: Path) -> None:
+    with KubeApiDouble(client_certs=True) as mtls:
+        rt = KubernetesRuntime(Settings(home=tmp_path, kubeconfig=mtls.kubeconfig), retry=FAST)
+
+        async def go() -> list[str]:
+            sandbox = await rt.launch(request(workspace, REPORT + "report(up=True)\n"))
+            try:
+                messages = [e.message async for e in sandbox.events()]
+                await sandbox.wait()
+                return messages
+            finally:
+                await sandbox.cleanup()
+
+        try:
+            assert asyncio.run(go()) == ['{"up": true}']
+            assert mtls.objects() == [] and mtls.processes() == []
+        finally:
+            rt.close()
