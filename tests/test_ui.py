@@ -171,7 +171,10 @@ def test_safety_stopped_evaluation_shows_its_incident(api: Any, dashboard: str, 
     page.wait_for_selector(f"#pr-alerts >> text={eval_id}", timeout=20_000)
     assert "rules/fork-bomb" in page.locator("#pr-alerts").inner_text()
     shot(page, "safety")
-    pick(page, eval_id)
+    page.locator(f'#pr-alerts a.pr-eval:has-text("{eval_id}")').first.click()  # the incident's link
+    page.wait_for_url(f"**/?eval={eval_id}")
+    page.wait_for_selector("#pr-who >> text=Signed in as sam", timeout=20_000)  # the browser kept the token
+    page.wait_for_selector(f"#pr-detail >> text={eval_id}", timeout=20_000)  # its detail, opened
     page.wait_for_selector("#pr-incidents >> text=rules/fork-bomb", timeout=20_000)
     page.get_by_role("tab", name="Cluster").click()
     page.wait_for_selector("#pr-cluster-html >> text=GPUs by type", timeout=30_000)

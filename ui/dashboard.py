@@ -32,9 +32,10 @@ CSS = """
 .pr-table { width: 100%; border-collapse: collapse; font-size: 14px; }
 .pr-table th, .pr-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
 .pr-badge { color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px; white-space: nowrap; }
-.pr-bar { background: #e5e7eb; border-radius: 3px; height: 10px; width: 160px; display: inline-block; }
+.pr-bar { background: #e5e7eb; border-radius: 3px; height: 10px; width: 120px; display: inline-block; }
 .pr-bar > div { background: #0891b2; height: 10px; border-radius: 3px; }
 .pr-scroll { max-height: 640px; overflow-y: auto; }
+.pr-table code, .pr-progress { white-space: nowrap; }
 .pr-scroll tr { content-visibility: auto; contain-intrinsic-size: auto 29px; }
 """
 
@@ -64,6 +65,20 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         except ProctorError as exc:
             return "", "", f"**Not signed in:** {exc.message}"
         return secret.strip(), me["role"], f"Signed in as **{me['name']}** ({me['role']})"
+
+    def sign_in_and_keep(secret: str) -> tuple[Any, ...]:
+        signed = sign_in(secret)
+        return (*signed, signed[0])  # kept in the browser (local storage) for the next visit
+
+    def opened(secret: str, kept: str, request: gr.Request) -> tuple[Any, ...]:
+        """On page load: sign in (the local token, else the one this browser kept) and open
+        the evaluation a link names (`?eval=<id>`, from the live table or an incident)."""
+        secret = secret or kept or ""
+        signed = sign_in(secret) if secret else ("", "", "Sign in with an API token")
+        wanted = str(request.query_params.get("eval") or "").strip()[:128] if request is not None else ""
+        if wanted and signed[0]:
+            return (*signed, gr.update(value=wanted), gr.Tabs(selected="detail"))
+        return (*signed, gr.update(), gr.update())
 
     def refresh_live(secret: str, statuses: list[str] | None, text: str | None) -> tuple[Any, ...]:
         try:
@@ -144,19 +159,20 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
 
     with gr.Blocks(title="Proctor") as demo:
         token_state = gr.State(token or "")
+        kept_token = gr.BrowserState("", storage_key="proctor-token")
         role_state = gr.State("")
         gr.Markdown("# Proctor")
         with gr.Row():
             token_box = gr.Textbox(label="API token", type="password", elem_id="pr-token", scale=4)
             login = gr.Button("Sign in", elem_id="pr-login", scale=1)
             who = gr.Markdown(elem_id="pr-who")
-        with gr.Tabs():
-            with gr.Tab("Live", elem_id="pr-tab-live"):
+        with gr.Tabs() as tabs:
+            with gr.Tab("Live", id="live", elem_id="pr-tab-live"):
                 with gr.Row():
                     status_filter = gr.Dropdown(STATUSES, multiselect=True, label="Status", elem_id="pr-status")
                     text_filter = gr.Textbox(label="Search name or model", elem_id="pr-search")
                 live = gr.HTML(elem_id="pr-live-html")
-            with gr.Tab("Evaluation", elem_id="pr-tab-detail"):
+            with gr.Tab("Evaluation", id="detail", elem_id="pr-tab-detail"):
                 pick = gr.Dropdown(label="Evaluation", choices=[], elem_id="pr-pick", allow_custom_value=True)
                 detail = gr.HTML(elem_id="pr-detail")
                 with gr.Row():
@@ -187,7 +203,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                 artifacts = gr.HTML(elem_id="pr-artifacts")
                 with gr.Accordion("Spec", open=False):
                     spec_view = gr.JSON(elem_id="pr-spec")
-            with gr.Tab("Safety", elem_id="pr-tab-safety"):
+            with gr.Tab("Safety", id="safety", elem_id="pr-tab-safety"):
                 alerts = gr.HTML(elem_id="pr-alerts")
                 with gr.Row():
                     stop_all = gr.Button("Stop everything", variant="stop", elem_id="pr-stop-all", visible=False)
@@ -195,9 +211,9 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                                             elem_id="pr-confirm-all", visible=False)
                     abort_all = gr.Button("Keep them running", elem_id="pr-abort-all", visible=False)
                 stop_all_msg = gr.Markdown(elem_id="pr-stop-all-msg")
-            with gr.Tab("Cluster", elem_id="pr-tab-cluster"):
+            with gr.Tab("Cluster", id="cluster", elem_id="pr-tab-cluster"):
                 cluster = gr.HTML(elem_id="pr-cluster-html")
-            with gr.Tab("History", elem_id="pr-tab-history"):
+            with gr.Tab("History", id="history", elem_id="pr-tab-history"):
                 history_text = gr.Textbox(label="Search name or model", elem_id="pr-history-search")
                 with gr.Row():
                     outcomes = gr.BarPlot(x="model", y="evaluations", color="status", label="Outcomes by model")
@@ -206,9 +222,8 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                 scores = gr.LinePlot(x="finished", y="score", color="model", label="Score over time (first scorer)")
         timer = gr.Timer(REFRESH_S)
 
-        signed = login.click(sign_in, [token_box], [token_state, role_state, who])
-        demo.load(lambda t: sign_in(t) if t else ("", "", "Sign in with an API token"), [token_state],
-                  [token_state, role_state, who])
+        signed = login.click(sign_in_and_keep, [token_box], [token_state, role_state, who, kept_token])
+        demo.load(opened, [token_state, kept_token], [token_state, role_state, who, pick, tabs])
         live_args = ([token_state, status_filter, text_filter], [live, pick])
         detail_args = ([token_state, role_state, pick, level, grep],
                        [detail, logs, samples, incidents, artifacts, stop, shard_table, spec_view, cpu_plot,

@@ -7,6 +7,7 @@ import html
 from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlencode
 
 import pandas as pd
 
@@ -45,8 +46,8 @@ def live_table(evaluations: list[Any]) -> str:
         elapsed = _seconds(ev.started_at or ev.created_at, ev.finished_at)
         left = (elapsed / share - elapsed) if ev.status == "running" and share > 0 and elapsed else None
         rows.append(
-            f'<tr data-id="{_e(ev.id)}"><td><code>{_e(ev.id)}</code></td><td>{_e(ev.name)}</td><td>{badge(ev.status)}</td>'
-            f'<td><div class="pr-bar" title="{share:.0%}"><div style="width:{100 * share:.1f}%"></div></div> '
+            f'<tr data-id="{_e(ev.id)}"><td>{eval_link(ev.id)}</td><td>{_e(ev.name)}</td><td>{badge(ev.status)}</td>'
+            f'<td class="pr-progress"><div class="pr-bar" title="{share:.0%}"><div style="width:{100 * share:.1f}%"></div></div> '
             f'<span class="pr-done">{ev.done_units}/{ev.total_units}</span></td>'
             f'<td>{_e(ev.owner)}</td><td>{_e(ev.model)}</td><td class="pr-gpus">{_e(gpus_text(ev))}</td>'
             f'<td>{_duration(elapsed)}</td>'
@@ -55,6 +56,11 @@ def live_table(evaluations: list[Any]) -> str:
                                               "elapsed", "left", "waiting for"))
     body = "".join(rows) or '<tr><td colspan="10">no evaluations</td></tr>'
     return f'<div class="pr-scroll"><table class="pr-table" id="pr-live"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def eval_link(eval_id: str) -> str:
+    """A link that opens the evaluation's detail (the dashboard reads `?eval=`)."""
+    return f'<a class="pr-eval" href="?{_e(urlencode({"eval": eval_id}))}"><code>{_e(eval_id)}</code></a>'
 
 
 def gpus_text(ev: Any) -> str:
@@ -70,7 +76,7 @@ def incidents_html(incidents: list[dict[str, Any]], link: bool = False) -> str:
     for i in incidents:
         ev = i.get("evidence") or {}
         lines = "<br>".join(_e(x) for x in (ev.get("lines") or [])[:3])
-        where = (f'<code>{_e(i["eval_id"])}</code> {_e(i.get("evaluation", ""))}' if link else _e(i.get("shard_id")))
+        where = (f'{eval_link(i["eval_id"])} {_e(i.get("evaluation", ""))}' if link else _e(i.get("shard_id")))
         rows.append(f'<tr class="pr-incident"><td>{_e(i.get("created_at", ""))[:19]}</td><td>{where}</td>'
                     f'<td><b>{_e(i["rule"])}</b></td><td>{_e(i["severity"])}</td><td>{_e(i["action"])}</td>'
                     f'<td>{_e(ev.get("message", ""))}<br><small>{lines}</small></td></tr>')
