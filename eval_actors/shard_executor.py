@@ -15,6 +15,8 @@ data). It raises only `asyncio.CancelledError`, after killing and removing the s
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ from typing import Any, Literal
 from cluster.results import SampleRecord
 from cluster.runtimes import LaunchRequest, SandboxError, SandboxExit, SandboxLimits, SandboxRuntime
 from cluster.runtimes.layout import SANDBOX_USER, harness_layout
-from proctor.protocol import Cancel, Rejection, ShardMessage, ShardSample, encode
+from proctor.protocol import INLINE_ARTIFACT_BYTES, Cancel, Rejection, ShardMessage, ShardSample, encode
 from proctor.spec import EvaluationSpec, Sample
 from safety.canaries import CANARIES
 from safety.canaries import PATHS as CANARY_PATHS
@@ -191,7 +193,7 @@ class ShardExecutor:
                 return self._outcome(run, "failed", str(exc), None, started)
             run.guard = self.guard = self._guard(spec, request, sandbox)
             run.guard.start()
-            await sandbox.send(encode(_shard_message(work)))
+            await sandbox.send(encode(_shard_message(work, inline_artifacts=not self.runtime.shares_workspace)))
             watcher = asyncio.create_task(self._watch_cancel(sandbox, cancel)) if cancel else None
             pending: set[asyncio.Task[None]] = set()
             try:
@@ -390,6 +392,9 @@ class ShardExecutor:
         if rel.is_absolute() or ".." in rel.parts:
             run.rejections.append(Rejection(f"artifact path {event.path!r} leaves the workspace", "", 0))
             return
+        if not self.runtime.shares_workspace:
+            self._collect_inline(run, rel, event)
+            return
         try:
             fd = os.open(workspace / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
@@ -402,6 +407,28 @@ class ShardExecutor:
             room = min(MAX_ARTIFACT_BYTES, MAX_ARTIFACTS_TOTAL - run.artifact_bytes)
             data = f.read(room + 1)
         if len(data) > room:
+            run.rejections.append(Rejection(f"artifact {event.path!r} is over the size limit", "", 0))
+            return
+        run.artifact_bytes += len(data)
+        run.artifacts.append((str(rel), data))
+
+    def _collect_inline(self, run: _Run, rel: Path, event: Any) -> None:
+        """An artifact whose content came in its event (the host cannot read the workspace):
+        kept only if it decodes to exactly the size and SHA-256 the event declares."""
+        if getattr(event, "data", None) is None:
+            run.rejections.append(Rejection(f"artifact {event.path!r} ({getattr(event, 'size', '?')} bytes) "
+                                            f"was not sent inline (over {INLINE_ARTIFACT_BYTES} bytes)", "", 0))
+            return
+        try:
+            data = base64.b64decode(event.data, validate=True)
+        except ValueError:
+            run.rejections.append(Rejection(f"artifact {event.path!r}: its content is not base64", "", 0))
+            return
+        if len(data) != event.size or hashlib.sha256(data).hexdigest() != event.sha256:
+            run.rejections.append(Rejection(f"artifact {event.path!r}: its content does not match its size "
+                                            "and SHA-256", "", 0))
+            return
+        if len(data) > min(MAX_ARTIFACT_BYTES, MAX_ARTIFACTS_TOTAL - run.artifact_bytes):
             run.rejections.append(Rejection(f"artifact {event.path!r} is over the size limit", "", 0))
             return
         run.artifact_bytes += len(data)
@@ -488,7 +515,7 @@ def _make_workspace(path: Path, files: dict[str, str]) -> None:
         os.chown(p, SANDBOX_USER, SANDBOX_USER)
 
 
-def _shard_message(work: ShardWork) -> ShardMessage:
+def _shard_message(work: ShardWork, inline_artifacts: bool = False) -> ShardMessage:
     spec = work.spec
     return ShardMessage(
         eval_id=work.eval_id,
@@ -508,4 +535,5 @@ def _shard_message(work: ShardWork) -> ShardMessage:
         max_turns=spec.safety.max_turns,
         tool_timeout_s=spec.sandbox.tool_timeout_s,
         artifacts=list(spec.sandbox.artifacts),
+        inline_artifacts=inline_artifacts,
     )

@@ -11,7 +11,7 @@ Out of the sandbox (harness → supervisor):
 | `progress` | `completed`, `total` (units of sample × epoch)                 |
 | `sample`   | one scored sample: `sample_id`, `epoch`, `input`, `target`, `output`, `scores`, `error`, timings, `usage`, `turns` |
 | `metric`   | `name`, `value`                                                |
-| `artifact` | `path` (relative to the workspace), `size`, `sha256`           |
+| `artifact` | `path` (relative to the workspace), `size`, `sha256`; `data` (base64) when asked to inline |
 | `generate` | a model call for the gateway: `id`, `messages`, `tools`, `max_tokens`, `temperature` |
 | `done`     | `status` (ok/error/cancelled), `error`, `samples`              |
 
@@ -99,11 +99,17 @@ class MetricEvent(_Out):
     value: float
 
 
+INLINE_ARTIFACT_BYTES = 512 * 1024  # an inlined artifact's content, base64, fits one protocol line
+
+
 class ArtifactEvent(_Out):
     type: Literal["artifact"] = "artifact"
     path: str = Field(max_length=1024)
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data: str | None = Field(None, max_length=(INLINE_ARTIFACT_BYTES + 2) // 3 * 4,
+                             description="the content, base64, when the shard asked for inline artifacts "
+                                         "(its workspace is not on the supervisor's host: a pod)")
 
 
 class ChatTurn(BaseModel):
@@ -175,6 +181,8 @@ class ShardMessage(_Msg):
     max_turns: int = 20
     tool_timeout_s: float = 60.0
     artifacts: list[str] = Field(default_factory=list)
+    inline_artifacts: bool = Field(False, description="send each artifact's content in its event (up to "
+                                                       "INLINE_ARTIFACT_BYTES): the host cannot read the workspace")
 
 
 class Cancel(_Msg):

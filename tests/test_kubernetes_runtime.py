@@ -23,7 +23,8 @@ from eval_actors.gateway import ModelGateway
 from eval_actors.shard_executor import ShardExecutor, ShardWork
 from kubeapi import A100_NODE, KubeApiDouble, testing
 from kubeapi.testing import FAST, REPORT, first_event, needs_double, request
-from proctor.protocol import GenerateResult
+from proctor.harness.runner import sample_dir_name
+from proctor.protocol import INLINE_ARTIFACT_BYTES, GenerateResult
 from proctor.settings import Settings
 from proctor.spec import parse_spec
 
@@ -46,10 +47,14 @@ class AnswerFour(ModelGateway):
 def test_a_shard_runs_in_a_pod_and_its_samples_are_scored(runtime: Any, double: Any, tmp_path: Path) -> None:
     spec = parse_spec({
         "name": "kube", "model": {"adapter": "openai", "model": "m", "base_url": "http://gateway.invalid/v1"},
-        "dataset": {"samples": [{"id": str(i), "input": f"{i} + {4 - i}?", "target": "4"} for i in range(3)]},
+        "dataset": {"samples": [{"id": str(i), "input": f"{i} + {4 - i}?", "target": "4",
+                                 "files": {"notes.txt": f"note {i}\n",
+                                           **({"big.bin": "x" * (INLINE_ARTIFACT_BYTES + 1)} if i == 0 else {})}}
+                                for i in range(3)]},
         "scorers": [{"type": "exact"},
                     {"type": "command", "name": "workspace", "command": 'test "$(cat ../data/answer.txt)" = 42'}],
-        "sandbox": {"runtime": "kubernetes", "memory": "256Mi", "timeout_s": 60, "files": {"data/answer.txt": "42"}},
+        "sandbox": {"runtime": "kubernetes", "memory": "256Mi", "timeout_s": 60, "files": {"data/answer.txt": "42"},
+                    "artifacts": ["notes.txt", "big.bin"]},
     })
     work = ShardWork("ev-kube", "s0000", spec, tuple(spec.dataset.samples or ()))
     gateway = AnswerFour()
@@ -62,10 +67,44 @@ def test_a_shard_runs_in_a_pod_and_its_samples_are_scored(runtime: Any, double: 
     assert outcome.model_calls == 3  # every generate went out through the attach stream and back
     assert seen[0] == "log" and seen.count("sample") == 3 and seen[-1] == "done"
     assert outcome.exit is not None and outcome.exit.reason == "exited" and outcome.exit.exit_code == 0
+    # artifacts came back inline over the attach stream, checked against their SHA-256
+    kept = dict(outcome.artifacts)
+    assert sorted(kept) == [f"{sample_dir_name(str(i), 1)}/notes.txt" for i in range(3)]
+    assert [kept[k] for k in sorted(kept)] == [f"note {i}\n".encode() for i in range(3)]
+    assert any("big.bin" in r.reason and "not sent inline" in r.reason for r in outcome.rejections)
     if double is not None:
         pod = next(o for _, kind, _, t, o in double.store.log if kind == "pods" and t == "ADDED"
                    and o["metadata"]["annotations"]["proctor.dev/eval-id"] == "ev-kube")
         assert pod["metadata"]["labels"]["proctor.dev/shard-id"] == "s0000"
+
+
+def test_an_inline_artifact_is_kept_only_if_it_matches_what_it_declares(runtime: Any, tmp_path: Path) -> None:
+    import base64
+    import hashlib
+    from types import SimpleNamespace
+
+    from eval_actors.shard_executor import _Run
+
+    executor = ShardExecutor(runtime, AnswerFour(), tmp_path / "sandboxes")
+    spec = parse_spec({"name": "inline", "model": {"adapter": "reference"}, "scorers": [{"type": "exact"}],
+                       "dataset": {"samples": [{"id": "0", "input": "q", "target": "a"}]},
+                       "sandbox": {"runtime": "kubernetes"}})
+    run = _Run(ShardWork("ev-i", "s0", spec, tuple(spec.dataset.samples or ())), {})
+    good = b"evidence"
+
+    def event(path: str, data: bytes, size: int | None = None, digest: bytes | None = None) -> Any:
+        return SimpleNamespace(path=path, size=len(data) if size is None else size,
+                               sha256=hashlib.sha256(digest or data).hexdigest(), data=base64.b64encode(data).decode())
+
+    for e in (event("0-e1/ok.txt", good), event("0-e1/short.txt", good, size=3),
+              event("0-e1/forged.txt", good, digest=b"something else"),
+              SimpleNamespace(path="0-e1/junk.txt", size=1, sha256="0" * 64, data="not base64!"),
+              event("../escape.txt", good)):
+        executor._collect_artifact(run, tmp_path / "no-such-workspace", e)
+    assert run.artifacts == [("0-e1/ok.txt", good)]
+    reasons = " | ".join(r.reason for r in run.rejections)
+    assert reasons.count("does not match its size and SHA-256") == 2 and "not base64" in reasons
+    assert "leaves the workspace" in reasons
 
 
 def test_events_stream_in_order_and_send_reaches_the_pod(runtime: Any, workspace: Path) -> None:

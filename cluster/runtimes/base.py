@@ -127,6 +127,9 @@ class Sandbox(ABC):
 class SandboxRuntime(ABC):
     name: ClassVar[str]
     isolation: ClassVar[Literal["strong", "weak"]]
+    # whether the host can read the sandbox's workspace folder (local runtimes); a pod's
+    # artifacts come inline in their `artifact` events instead
+    shares_workspace: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod

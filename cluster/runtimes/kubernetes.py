@@ -16,7 +16,9 @@ never restarted. `reconcile()` deletes the pods of this platform instance that n
 shard owns. `stats()` reads the metrics API (memory only: it gives no CPU seconds) and
 `trace_log` is None: there is no strace in a pod.
 
-Known limitation: artifacts written in a pod are not copied back (see `proctor.podentry`).
+Artifacts come back inline in their `artifact` events (the shard asks for it: the host
+cannot read a pod's workspace), up to `INLINE_ARTIFACT_BYTES` each; larger ones, and the
+files a safety-stopped pod left behind, are not copied back.
 """
 
 from __future__ import annotations
@@ -278,6 +280,7 @@ class PodSandbox(StreamSandbox):
 class KubernetesRuntime(SandboxRuntime):
     name = "kubernetes"
     isolation = "strong"
+    shares_workspace = False  # artifacts come inline in their events
 
     def __init__(self, settings: Any, retry: RetryPolicy = RetryPolicy()):
         self.pods = PodSettings.of(settings)

@@ -8,6 +8,7 @@ cancelled on a `cancel`, error on anything unexpected.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -23,7 +24,7 @@ from proctor.harness.adapters import ModelAdapter, Reply, make_adapter
 from proctor.harness.channel import Cancelled, Channel, clip
 from proctor.harness.scorers import LETTERS, Score, Scorer, build_scorer
 from proctor.harness.tools import BASH_TOOL, run_command, tool_message_content
-from proctor.protocol import ArtifactEvent, MetricEvent, ProgressEvent, SampleEvent, ShardMessage, ShardSample, Usage
+from proctor.protocol import INLINE_ARTIFACT_BYTES, ArtifactEvent, MetricEvent, ProgressEvent, SampleEvent, ShardMessage, ShardSample, Usage
 from proctor.spec import ModelSpec, ScorerSpec, SpecError
 
 AGENT_SYSTEM_PROMPT = (
@@ -194,11 +195,17 @@ class ShardRun:
                     continue
                 seen.add(path)
                 digest = hashlib.sha256()
+                size = path.stat().st_size
+                inline = self.shard.inline_artifacts and size <= INLINE_ARTIFACT_BYTES
+                content = bytearray()
                 with path.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
                         digest.update(block)
+                        if inline:
+                            content += block
+                data = base64.b64encode(content).decode() if inline and len(content) <= INLINE_ARTIFACT_BYTES else None
                 self.channel.emit(ArtifactEvent, path=str(path.relative_to(self.workspace))[:1024],
-                                  size=path.stat().st_size, sha256=digest.hexdigest())
+                                  size=size, sha256=digest.hexdigest(), data=data)
 
     def attempt(self, sample: ShardSample, epoch: int, conversation: Conversation, errors: list[str]) -> dict[str, Score]:
         """Prepare, converse and score; each failure is appended to `errors`."""
