@@ -47,6 +47,7 @@ PROGRESS_EVERY_S = 0.25
 STREAM_EVERY_S = 1.0
 HANDLE_TTL_S = 1.0  # a named actor's handle is looked up again after this (a replaced actor is found)
 MAX_LOG_LINES = 10_000  # kept per shard attempt (all are published live)
+RECONCILE_EVERY_S = 300.0  # sandbox pods that no running shard owns are looked for this often
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000)
@@ -128,7 +129,9 @@ class Supervisor:
 
     async def _reconcile_pods(self) -> None:
         """Delete this platform's sandbox pods that no running shard owns: those of this
-        supervisor's previous life, and of shards that ended or moved to a new attempt."""
+        supervisor's previous life, and of shards that ended or moved on; at start, then
+        every `RECONCILE_EVERY_S` (a supervisor removed from the pool leaves its pods to
+        the others)."""
         def configured() -> None:  # on a thread: the client takes a moment to import
             from cluster.runtimes.kubernetes import KubernetesRuntime
 
@@ -138,18 +141,24 @@ class Supervisor:
             await asyncio.to_thread(configured)
         except RuntimeUnavailable:
             return  # no cluster configured: no pods anywhere
+        while await self._reconcile_round():
+            await asyncio.sleep(RECONCILE_EVERY_S)
+
+    async def _reconcile_round(self) -> bool:
+        """One reconciliation; False when the runtime cannot reconcile (a test double)."""
         try:
             reconcile = getattr(self._runtime("kubernetes"), "reconcile", None)
-            if reconcile is None:  # a test double of the runtime
-                return
+            if reconcile is None:
+                return False
 
             def live() -> set[str]:  # read after the pods are listed: a pod is made after its shard is marked
                 return {s.sandbox_id for s in self.store.shards_by_status(("scheduled", "running"))
-                        if s.sandbox_id and s.supervisor != self.name}
+                        if s.sandbox_id and s.supervisor != self.name}  # ours: the runtime knows them
 
-            self.reconciled_pods = await reconcile(live)
-        except Exception:  # never keep a supervisor from working; the next start tries again
+            self.reconciled_pods = (self.reconciled_pods + await reconcile(live))[-1000:]  # the latest, bounded
+        except Exception:  # never keep a supervisor from working; the next round tries again
             log.exception("supervisor %s: could not reconcile sandbox pods", self.name)
+        return True
 
     def _runtime(self, name: str) -> SandboxRuntime:
         if name not in self.runtimes:

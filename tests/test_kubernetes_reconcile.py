@@ -102,7 +102,7 @@ def test_a_restarted_supervisor_deletes_the_pods_no_running_shard_owns(runtime: 
         pods = [await previous.launch(request(workspace, sid=f"ev-rec-s{i}-a1")) for i in range(3)]
         previous.active.clear()  # that life is over: it runs nothing any more
         try:
-            await Supervisor.__ray_actor_class__._reconcile_pods(me)
+            assert await Supervisor.__ray_actor_class__._reconcile_round(me)
             return sorted(p["metadata"]["annotations"]["proctor.dev/sandbox-id"]
                           for p in await runtime.api.list("pods", runtime.pods.selector))
         finally:
