@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 from serve_app.resources import clean, merge
-from ui.views import gpus_text, history_frames, live_table, resource_frames
+from ui.views import PAGE_ROWS, gpus_text, history_frames, live_table, resource_frames
 
 
 def test_samples_are_cleaned_and_cpu_derived() -> None:
@@ -59,3 +59,14 @@ def test_gpu_column_and_outcomes_by_suite() -> None:
     _, suites, _, _ = history_frames([_ev(), _ev(status="failed"), _ev(suite="cyber"), _ev(status="running")])
     got = {(r.suite, r.status): r.evaluations for r in suites.itertuples()}
     assert got == {("arith", "succeeded"): 1, ("arith", "failed"): 1, ("cyber", "succeeded"): 1}
+
+
+def test_the_live_table_sends_one_page_and_counts_them_all() -> None:
+    evs = [_ev(id=f"ev-{i:04d}", status="running" if i % 5 else "queued") for i in range(250)]
+    first = live_table(evs)
+    assert first.count("<tr data-id=") == PAGE_ROWS and 'data-id="ev-0000"' in first
+    assert f"1–{PAGE_ROWS} of 250" in first and "200 running · 50 queued" in first
+    last = live_table(evs, page=2)
+    assert last.count("<tr data-id=") == 50 and 'data-id="ev-0249"' in last and "page 3 of 3" in last
+    assert live_table(evs, page=99) == last  # past the end: the last page
+    assert "0 of 0" in live_table([]) and "no evaluations" in live_table([])

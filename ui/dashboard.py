@@ -19,11 +19,12 @@ import pandas as pd
 
 from proctor.client import Client, ProctorError
 
-from .views import (FINAL, cluster_html, detail_html, history_frames, incidents_html, live_table, resource_frames,
+from .views import (FINAL, PAGE_ROWS, cluster_html, detail_html, history_frames, incidents_html, live_table, resource_frames,
                     shards_html, _e)
 
 REFRESH_S = 2.0
 MAX_LISTED = 1000
+MAX_TABS = 256  # browser tabs whose last offered choices are remembered
 ROWS_KEPT = 32  # finished evaluations whose sample rows the dashboard keeps
 SLOW_REFRESH_S = 10.0
 LOG_LINES = 200  # the view keeps the last lines only
@@ -47,6 +48,7 @@ class Session:
         self.api_url = api_url
         self.clients: dict[str, Client] = {}
         self.rows: dict[str, pd.DataFrame] = {}  # a finished evaluation's rows never change
+        self.choices: dict[str, list[tuple[str, str]]] = {}  # the evaluations last offered to pick, per tab
 
     def client(self, token: str) -> Client:
         if not token:
@@ -80,13 +82,25 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             return (*signed, gr.update(value=wanted), gr.Tabs(selected="detail"))
         return (*signed, gr.update(), gr.update())
 
-    def refresh_live(secret: str, statuses: list[str] | None, text: str | None) -> tuple[Any, ...]:
+    def refresh_live(secret: str, statuses: list[str] | None, text: str | None, page: int,
+                     request: gr.Request) -> tuple[Any, ...]:
         try:
             found = list(islice(session.client(secret).list(status=statuses or None, text=text or None, limit=500),
                                 MAX_LISTED))
         except ProctorError as exc:
-            return f"<p>{_e(exc.message)}</p>", gr.update()
-        return live_table(found), gr.update(choices=[(f"{ev.name} · {ev.id}", ev.id) for ev in found[:500]])
+            return f"<p>{_e(exc.message)}</p>", gr.update(), page
+        page = min(max(page, 0), max(0, (len(found) - 1) // PAGE_ROWS))
+        choices = [(f"{ev.name} · {ev.id}", ev.id) for ev in found[:500]]
+        tab = getattr(request, "session_hash", None) or secret  # one browser tab
+        if session.choices.get(tab) == choices:  # unchanged: not sent again
+            return live_table(found, page), gr.update(), page
+        session.choices[tab] = choices
+        while len(session.choices) > MAX_TABS:
+            session.choices.pop(next(iter(session.choices)))
+        return live_table(found, page), gr.update(choices=choices), page
+
+    def turn(page: int, step: int) -> int:
+        return max(0, page + step)  # the refresh clamps it to the last page
 
     def refresh_detail(secret: str, role: str, eval_id: str | None, level: str, grep: str) -> tuple[Any, ...]:
         if not secret or not eval_id:
@@ -172,6 +186,9 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                     status_filter = gr.Dropdown(STATUSES, multiselect=True, label="Status", elem_id="pr-status")
                     text_filter = gr.Textbox(label="Search name or model", elem_id="pr-search")
                 live = gr.HTML(elem_id="pr-live-html")
+                with gr.Row():
+                    newer = gr.Button("◀ Newer", elem_id="pr-newer", size="sm")
+                    older = gr.Button("Older ▶", elem_id="pr-older", size="sm")
             with gr.Tab("Evaluation", id="detail", elem_id="pr-tab-detail"):
                 pick = gr.Dropdown(label="Evaluation", choices=[], elem_id="pr-pick", allow_custom_value=True)
                 detail = gr.HTML(elem_id="pr-detail")
@@ -224,13 +241,17 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
 
         signed = login.click(sign_in_and_keep, [token_box], [token_state, role_state, who, kept_token])
         demo.load(opened, [token_state, kept_token], [token_state, role_state, who, pick, tabs])
-        live_args = ([token_state, status_filter, text_filter], [live, pick])
+        page_state = gr.State(0)
+        live_args = ([token_state, status_filter, text_filter, page_state], [live, pick, page_state])
         detail_args = ([token_state, role_state, pick, level, grep],
                        [detail, logs, samples, incidents, artifacts, stop, shard_table, spec_view, cpu_plot,
                         memory_plot, resources_caption])
-        for trigger in (timer.tick, status_filter.change, text_filter.submit):
-            trigger(refresh_live, *live_args)
+        timer.tick(refresh_live, *live_args)
         signed.then(refresh_live, *live_args)
+        for button, step in ((newer, -1), (older, 1)):
+            button.click(lambda p, step=step: turn(p, step), [page_state], [page_state]).then(refresh_live, *live_args)
+        for trigger in (status_filter.change, text_filter.submit):  # a new filter starts at its first page
+            trigger(lambda: 0, None, [page_state]).then(refresh_live, *live_args)
         for trigger in (timer.tick, pick.change, level.change, grep.submit):
             trigger(refresh_detail, *detail_args)
         timer.tick(refresh_safety, [token_state, role_state], [alerts, stop_all])

@@ -14,6 +14,7 @@ import pandas as pd
 COLOURS = {"queued": "#6b7280", "scheduled": "#2563eb", "running": "#0891b2", "succeeded": "#16a34a",
            "failed": "#dc2626", "cancelled": "#d97706", "safety_stopped": "#7c3aed", "interrupted": "#6b7280"}
 FINAL = {"succeeded", "failed", "cancelled", "safety_stopped"}
+PAGE_ROWS = 100  # rows of the live table sent to the browser at once
 RESOURCE_BUCKET_S = 2.0  # shards' samples summed per this many seconds for the evaluation's total
 
 
@@ -39,9 +40,14 @@ def _duration(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def live_table(evaluations: list[Any]) -> str:
+def live_table(evaluations: list[Any], page: int = 0, per_page: int = PAGE_ROWS) -> str:
+    """One page of the evaluations (the browser redraws what it is sent: a page stays
+    smooth where 1,000 rows do not), under a line counting all of them by status."""
+    pages = max(1, -(-len(evaluations) // per_page))
+    page = min(max(page, 0), pages - 1)
+    shown = evaluations[page * per_page:(page + 1) * per_page]
     rows = []
-    for ev in evaluations:
+    for ev in shown:
         share = ev.done_units / ev.total_units if ev.total_units else 0.0
         elapsed = _seconds(ev.started_at or ev.created_at, ev.finished_at)
         left = (elapsed / share - elapsed) if ev.status == "running" and share > 0 and elapsed else None
@@ -55,7 +61,13 @@ def live_table(evaluations: list[Any]) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("id", "name", "status", "progress", "owner", "model", "GPUs",
                                               "elapsed", "left", "waiting for"))
     body = "".join(rows) or '<tr><td colspan="10">no evaluations</td></tr>'
-    return f'<div class="pr-scroll"><table class="pr-table" id="pr-live"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    counts = Counter(ev.status for ev in evaluations)
+    by_status = " · ".join(f"{n} {status.replace('_', '-')}" for status, n in counts.most_common())
+    where = (f"{page * per_page + 1}–{page * per_page + len(shown)} of {len(evaluations)}"
+             if evaluations else "0 of 0")
+    return (f'<p id="pr-live-count" data-page="{page}" data-pages="{pages}" data-total="{len(evaluations)}">'
+            f'{where} · page {page + 1} of {pages}' + (f" · {_e(by_status)}" if by_status else "") + "</p>"
+            f'<div class="pr-scroll"><table class="pr-table" id="pr-live"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
 
 
 def eval_link(eval_id: str) -> str:
