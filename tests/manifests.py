@@ -30,7 +30,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 KUBERAY = REPO / "kuberay"
-SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
+# KubeRay v1.7.0's CRDs, copied unchanged from the team's shared/schemas (test_kuberay
+# checks the copy against it where shared/ is beside the checkout; CI's clone may not have it)
+SCHEMAS = REPO / "tests" / "schemas" / "kuberay-v1.7.0"
+SHARED_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
 MIN_KUBERNETES = (1, 33)
 MAX_RAYSERVICE_NAME = 47  # KubeRay: the RayCluster it makes is `<name>-<5 chars>`, at most 53
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -138,7 +141,7 @@ def strict_schema(node: Any) -> Any:
 def crd_schema(file: str, version: str = "v1") -> dict[str, Any]:
     path = SCHEMAS / file
     if not path.exists():
-        raise RenderError(f"KubeRay's CRD {path} is missing: shared/schemas/kuberay-v1.7.0 must be beside the repo")
+        raise RenderError(f"KubeRay's CRD {path} is missing: copy it from shared/schemas/kuberay-v1.7.0")
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     found = [v for v in crd["spec"]["versions"] if v["name"] == version]
     return strict_schema(found[0]["schema"]["openAPIV3Schema"])

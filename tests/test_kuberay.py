@@ -558,3 +558,12 @@ def test_readme_names_what_the_render_makes(rendered: list[dict[str, Any]]) -> N
     secrets = {s["metadata"]["name"] for s in find(rendered, "Secret")}
     assert set(re.findall(r"get secret ([\w-]+)", text)) <= secrets
     assert f"rayservice/{rs}" in text and "kubectl apply -k kuberay/" in text
+
+
+def test_the_crd_schemas_are_kuberays_own() -> None:
+    """The copies in tests/schemas are the shared ones, unchanged (where shared/ is here)."""
+    for name in ("ray.io_rayservices.yaml", "ray.io_rayclusters.yaml"):
+        copy = (m.SCHEMAS / name).read_bytes()
+        assert yaml.safe_load(copy)["spec"]["names"]["kind"] in ("RayService", "RayCluster")
+        if m.SHARED_SCHEMAS.is_dir():
+            assert copy == (m.SHARED_SCHEMAS / name).read_bytes(), name
