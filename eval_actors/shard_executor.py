@@ -404,13 +404,8 @@ class ShardExecutor:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 run.rejections.append(Rejection(f"artifact {event.path!r} is not a regular file", "", 0))
                 return
-            room = min(MAX_ARTIFACT_BYTES, MAX_ARTIFACTS_TOTAL - run.artifact_bytes)
-            data = f.read(room + 1)
-        if len(data) > room:
-            run.rejections.append(Rejection(f"artifact {event.path!r} is over the size limit", "", 0))
-            return
-        run.artifact_bytes += len(data)
-        run.artifacts.append((str(rel), data))
+            data = f.read(_room(run) + 1)
+        _keep_artifact(run, rel, event.path, data)
 
     def _collect_inline(self, run: _Run, rel: Path, event: Any) -> None:
         """An artifact whose content came in its event (the host cannot read the workspace):
@@ -428,11 +423,7 @@ class ShardExecutor:
             run.rejections.append(Rejection(f"artifact {event.path!r}: its content does not match its size "
                                             "and SHA-256", "", 0))
             return
-        if len(data) > min(MAX_ARTIFACT_BYTES, MAX_ARTIFACTS_TOTAL - run.artifact_bytes):
-            run.rejections.append(Rejection(f"artifact {event.path!r} is over the size limit", "", 0))
-            return
-        run.artifact_bytes += len(data)
-        run.artifacts.append((str(rel), data))
+        _keep_artifact(run, rel, event.path, data)
 
     def _judge(self, run: _Run, exit_: SandboxExit, cancel: asyncio.Event | None) -> tuple[str, str | None]:
         if run.guard is not None and run.guard.stopped is not None:
@@ -503,6 +494,19 @@ def _command_text(tool_call: Any) -> str:
 def sandbox_id_for(work: ShardWork) -> str:
     raw = f"{work.eval_id}-{work.shard_id}-{os.urandom(3).hex()}"
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)[:120]
+
+
+def _room(run: _Run) -> int:
+    """Bytes the shard's next artifact may have."""
+    return min(MAX_ARTIFACT_BYTES, MAX_ARTIFACTS_TOTAL - run.artifact_bytes)
+
+
+def _keep_artifact(run: _Run, rel: Path, named: str, data: bytes) -> None:
+    if len(data) > _room(run):
+        run.rejections.append(Rejection(f"artifact {named!r} is over the size limit", "", 0))
+        return
+    run.artifact_bytes += len(data)
+    run.artifacts.append((str(rel), data))
 
 
 def _make_workspace(path: Path, files: dict[str, str]) -> None:

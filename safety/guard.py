@@ -138,18 +138,17 @@ class SafetyGuard:
 
     # ------------------------------------------------------------ the record
 
+    def _resource_monitor(self) -> ResourceMonitor | None:
+        return next((m for m in self.monitors if isinstance(m, ResourceMonitor)), None)
+
     def trace(self) -> list[dict[str, Any]]:
-        for m in self.monitors:
-            if isinstance(m, ResourceMonitor):
-                return list(m.trace)
-        return []
+        m = self._resource_monitor()
+        return list(m.trace) if m is not None else []
 
     def resources(self) -> list[dict[str, Any]]:
         """The shard's resource use over its run so far (for graphs)."""
-        for m in self.monitors:
-            if isinstance(m, ResourceMonitor):
-                return m.series()
-        return []
+        m = self._resource_monitor()
+        return m.series() if m is not None else []
 
     def summary(self) -> dict[str, Any]:
         return {"violations": [v.as_dict() for v in self.violations], "dropped": self.dropped,

@@ -22,7 +22,7 @@ from cluster.runtimes.kubernetes import KubernetesRuntime
 from eval_actors.gateway import ModelGateway
 from eval_actors.shard_executor import ShardExecutor, ShardWork
 from kubeapi import A100_NODE, KubeApiDouble, testing
-from kubeapi.testing import FAST, REPORT, first_event, needs_double, request
+from kubeapi.testing import FAST, REPORT, first_event, needs_double, request, run_to_end
 from proctor.harness.runner import sample_dir_name
 from proctor.protocol import INLINE_ARTIFACT_BYTES, GenerateResult
 from proctor.settings import Settings
@@ -176,16 +176,7 @@ def test_the_wall_clock_deadline_ends_the_pod(runtime: Any, workspace: Path) -> 
 def test_a_memory_hog_ends_as_oom(runtime: Any, workspace: Path) -> None:
     code = REPORT + "hog = []\nreport(up=True)\nwhile True:\n    hog.append(bytearray(8 * 1024 * 1024))\n"
 
-    async def go() -> Any:
-        sandbox = await runtime.launch(request(workspace, code, memory_bytes=128 * 1024**2))
-        try:
-            async for _ in sandbox.events():
-                pass
-            return await sandbox.wait()
-        finally:
-            await sandbox.cleanup()
-
-    exit_ = asyncio.run(go())
+    exit_ = asyncio.run(run_to_end(runtime, request(workspace, code, memory_bytes=128 * 1024**2)))
     assert exit_.reason == "oom" and "OOMKilled" in exit_.detail and exit_.exit_code == 137
 
 
@@ -258,17 +249,8 @@ def test_api_errors_are_retried_with_backoff(runtime: Any, double: Any, workspac
     double.fail_next(1, 500, "DELETE", "/pods/")
     before = double.count("POST", "/pods")
 
-    async def go() -> Any:
-        sandbox = await runtime.launch(request(workspace, REPORT + "report(up=True)\n"))
-        try:
-            async for _ in sandbox.events():
-                pass
-            return await sandbox.wait()
-        finally:
-            await sandbox.kill()
-            await sandbox.cleanup()
-
-    assert asyncio.run(go()).reason in ("exited", "killed")
+    assert asyncio.run(run_to_end(runtime, request(workspace, REPORT + "report(up=True)\n"))).reason in (
+        "exited", "killed")
     assert double.count("POST", "/pods") == before + 3
 
 
@@ -297,8 +279,6 @@ def test_select_runtime_builds_it_and_auto_never_picks_it(settings: Settings, tm
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(RuntimeUnavailable, match="refuses"):
         select_runtime("auto", tmp_path, settings=settings)
-
-
 
 
 def test_cleanup_is_safe_after_a_failed_launch_and_twice(runtime: Any, workspace: Path) -> None:

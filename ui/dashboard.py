@@ -25,7 +25,7 @@ from .views import (FINAL, PAGE_ROWS, cluster_html, detail_html, history_frames,
 REFRESH_S = 2.0
 MAX_LISTED = 1000
 MAX_TABS = 256  # browser tabs whose last offered choices are remembered
-ROWS_KEPT = 32  # finished evaluations whose sample rows the dashboard keeps
+FINISHED_KEPT = 32  # finished evaluations whose rows and resource graphs the dashboard keeps
 SLOW_REFRESH_S = 10.0
 LOG_LINES = 200  # the view keeps the last lines only
 STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled", "safety_stopped"]
@@ -47,7 +47,8 @@ class Session:
     def __init__(self, api_url: str):
         self.api_url = api_url
         self.clients: dict[str, Client] = {}
-        self.rows: dict[str, pd.DataFrame] = {}  # a finished evaluation's rows never change
+        # a finished evaluation's sample rows and resource graphs never change: kept, not fetched again
+        self.finished: dict[str, tuple[pd.DataFrame, tuple[pd.DataFrame, pd.DataFrame, str]]] = {}
         self.choices: dict[str, list[tuple[str, str]]] = {}  # the evaluations last offered to pick, per tab
 
     def client(self, token: str) -> Client:
@@ -110,14 +111,16 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             ev = c.get(eval_id)
             stored = c.shards(eval_id)
             lines = list(c.logs(eval_id, level=level or None, text=grep or None))[-LOG_LINES:]
-            rows = session.rows.get(ev.id) if ev.id in session.rows else _rows(c, ev)
-            if ev.status in FINAL and ev.id not in session.rows:
-                session.rows[ev.id] = rows
-                while len(session.rows) > ROWS_KEPT:
-                    session.rows.pop(next(iter(session.rows)))
+            kept = session.finished.get(ev.id)
+            if kept is None:
+                kept = (_rows(c, ev), resource_frames(c.resources(eval_id)))
+                if ev.status in FINAL:
+                    session.finished[ev.id] = kept
+                    while len(session.finished) > FINISHED_KEPT:
+                        session.finished.pop(next(iter(session.finished)))
+            rows, (cpu, memory, caption) = kept
             incidents = c.incidents(eval_id)
             artifacts = c.artifacts(eval_id)
-            cpu, memory, caption = resource_frames(c.resources(eval_id))
         except ProctorError as exc:
             return f"<p>{_e(exc.message)}</p>", "", None, "", "", gr.update(visible=False), "", None, None, None, ""
         log_text = "\n".join(f"{_clock(x.get('ts'))} {x.get('shard_id', '')} {str(x.get('level', '')).upper():7} "

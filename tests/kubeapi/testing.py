@@ -83,6 +83,18 @@ def request(workspace: Path, code: str = SLEEPER, sid: str | None = None, **kw: 
                          layout.env, layout.ro_binds, **kw)
 
 
+async def run_to_end(runtime: Any, req: LaunchRequest) -> Any:
+    """Launch, read every event, and return how it ended; the sandbox is removed after."""
+    sandbox = await runtime.launch(req)
+    try:
+        async for _ in sandbox.events():
+            pass
+        return await sandbox.wait()
+    finally:
+        await sandbox.kill()
+        await sandbox.cleanup()
+
+
 async def first_event(sandbox: Any) -> Any:
     async for event in sandbox.events():
         return event
