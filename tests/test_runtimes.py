@@ -316,6 +316,34 @@ def test_stdout_flood_is_cut_at_the_cap(runtime: SandboxRuntime, workspace: Path
     assert sandbox.parser.rejected > 0  # the flood's lines are not protocol
 
 
+def test_a_flood_read_slowly_still_ends_at_the_cap(runtime: SandboxRuntime, workspace: Path) -> None:
+    # the reader falls behind (its buffer fills and reading pauses) before the cap is hit:
+    # wait() must still return, and nothing may be left
+    layout = harness_layout(unprivileged=runtime.isolation == "weak")
+    code = REPORT + textwrap.dedent("""
+        import sys
+        report(flooding=True)
+        line = ("x" * 1023 + "\\n").encode()
+        for _ in range(200_000):
+            sys.stdout.buffer.write(line)
+    """)
+    request = LaunchRequest(f"slow-{os.urandom(3).hex()}", (layout.python, "-S", "-c", code), workspace,
+                            SandboxLimits(timeout_s=60, output_cap_bytes=1024 * 1024), layout.env, layout.ro_binds)
+
+    async def go() -> Any:
+        sandbox = await runtime.launch(request)
+        try:
+            async for _event in sandbox.events():
+                await asyncio.sleep(1.0)  # the sandbox writes far more than the reader buffers meanwhile
+            return await asyncio.wait_for(sandbox.wait(), 30)
+        finally:
+            await sandbox.cleanup()
+
+    exit_ = asyncio.run(go())
+    assert exit_.reason == "output_cap"
+    assert_nothing_left(runtime, request.sandbox_id)
+
+
 def test_host_environment_is_absent(runtime: SandboxRuntime, workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "host-secret")
     seen, _, _ = probe(runtime, workspace, """

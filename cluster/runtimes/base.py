@@ -217,6 +217,7 @@ class ProcessSandbox(StreamSandbox):
         super().__init__(request)
         self.proc: asyncio.subprocess.Process | None = None
         self._stderr_task: asyncio.Task[None] | None = None
+        self._discarding: asyncio.Future[None] | None = None
         self._exit: SandboxExit | None = None
 
     # -- what a subclass provides
@@ -271,17 +272,31 @@ class ProcessSandbox(StreamSandbox):
 
     async def events(self) -> AsyncIterator[Any]:
         assert self.proc and self.proc.stdout
-        while True:
-            chunk = await self.proc.stdout.read(self.read_chunk)
-            if not chunk:
-                break
-            if not self._count_output(len(chunk)):
-                break
-            for event in self.parser.feed(chunk):
-                yield event
-        if self._reason != "output_cap":
-            for event in self.parser.finish():
-                yield event
+        at_eof = False
+        try:
+            while True:
+                chunk = await self.proc.stdout.read(self.read_chunk)
+                if not chunk:
+                    at_eof = True
+                    break
+                if not self._count_output(len(chunk)):
+                    break
+                for event in self.parser.feed(chunk):
+                    yield event
+            if self._reason != "output_cap":
+                for event in self.parser.finish():
+                    yield event
+        finally:
+            if not at_eof:
+                # stopped before the end (the output cap, or a reader that left): the rest is
+                # read and dropped, because asyncio's wait() returns only once every pipe has
+                # closed, and a full, paused stdout pipe never would
+                self._discarding = asyncio.ensure_future(self._discard_stdout())
+
+    async def _discard_stdout(self) -> None:
+        assert self.proc and self.proc.stdout
+        while await self.proc.stdout.read(self.read_chunk):
+            pass
 
     async def send(self, line: bytes) -> None:
         if self.proc is None or self.proc.stdin is None or self.proc.returncode is not None:
@@ -338,8 +353,9 @@ class ProcessSandbox(StreamSandbox):
             except asyncio.TimeoutError:
                 pass
         self._disarm_deadline()
-        if self._stderr_task is not None and not self._stderr_task.done():
-            self._stderr_task.cancel()
+        for task in (self._stderr_task, self._discarding):
+            if task is not None and not task.done():
+                task.cancel()
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.close()
         await self.remove()

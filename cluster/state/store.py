@@ -17,6 +17,8 @@ import base64
 import hashlib
 import json
 import secrets
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -123,10 +125,26 @@ def open_engine(url: str) -> Engine:
 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # the driver's own BEGINs are off: _sqlite_begin issues them
     cur = dbapi_conn.cursor()
-    for pragma in (f"busy_timeout={BUSY_TIMEOUT_S * 1000}", "journal_mode=WAL", "foreign_keys=ON",
-                   "synchronous=NORMAL"):
+    for pragma in (f"busy_timeout={BUSY_TIMEOUT_S * 1000}", "foreign_keys=ON", "synchronous=NORMAL"):
         cur.execute(f"PRAGMA {pragma}")
+    _wal(cur)
     cur.close()
+
+
+def _wal(cur: Any) -> None:
+    """Put the database in WAL mode. SQLite answers "database is locked" at once, without
+    its busy timeout, when several connections make a new database WAL together; retried."""
+    give_up = time.monotonic() + BUSY_TIMEOUT_S
+    pause = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= give_up:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def _sqlite_begin(conn: Connection) -> None:
