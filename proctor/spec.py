@@ -92,7 +92,8 @@ def parse_size(value: int | float | str, field: str = "size") -> int:
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: a JSON boolean is not an integer, a number is not a string (the schema says the same)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 # ---------------------------------------------------------------- model

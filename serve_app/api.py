@@ -104,7 +104,7 @@ class Stopped(BaseModel):
 
 
 class TokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # a JSON boolean is not a number of days
     user: str = Field(pattern=USER_NAME, description="the user the key acts as; created if new (then `role` is needed)")
     role: Literal["viewer", "researcher", "safety", "admin"] | None = Field(
         None, description="the user's role; must match an existing user's")

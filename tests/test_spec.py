@@ -72,6 +72,17 @@ def test_bad_sizes_and_ranges_name_the_field() -> None:
     assert "less than or equal to 1" in errs["model.error_rate"]
 
 
+def test_values_of_the_wrong_json_type_are_refused_not_converted() -> None:
+    # what the published schema refuses, the API refuses too: a boolean is not an integer,
+    # a string is not a number or a boolean
+    errs = errors_of(minimal(dataset={"samples": [{"id": False, "input": "1+1?", "target": "2"}]},
+                             epochs=True, agentic="yes", shard_size="5"))
+    assert set(errs) >= {"epochs", "agentic", "shard_size"}
+    assert any(path.startswith("dataset.samples.0.id") for path in errs)
+    assert "valid integer" in errs["epochs"] and "valid boolean" in errs["agentic"]
+    assert parse_spec(minimal(epochs=2, sandbox={"timeout_s": 30})).sandbox.timeout_s == 30.0  # int → float stays
+
+
 def test_unknown_adapter_and_scorer_are_named() -> None:
     errs = errors_of(minimal(model={"adapter": "gpt"}, scorers=[{"type": "bleu"}]))
     assert "model" in errs and "adapter" in errs["model"]
