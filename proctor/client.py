@@ -569,8 +569,8 @@ class Client(_Base):
         return self._send(_Calls.stop_all())
 
     def results(self, eval_id: str) -> pyarrow.Table:
-        """Every sample row (schema of `cluster/results.py`). `NotFoundError` (code
-        `no_results`) until the evaluation has written some."""
+        """Every sample row (schema of `cluster/results.py`); while the evaluation runs,
+        the rows written so far. `NotFoundError` (code `no_results`) until it has written some."""
         return self._send(_Calls.results(eval_id))
 
     def results_df(self, eval_id: str) -> pandas.DataFrame:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
@@ -413,33 +414,53 @@ def build_app(settings: Settings) -> FastAPI:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    async def rows_of(ev: Evaluation) -> tuple[Evaluation, pa.Table | None]:
+        """Every row of a finished evaluation; while it runs, the rows written so far
+        (the parts of its shards, one row per sample and epoch); None when there are none."""
+        try:
+            table = await asyncio.to_thread(results.read, ev.id)
+        except StorageError:
+            if ev.results_uri:
+                raise
+            # no folder yet, or its parts were compacted while being read: it may have finished since
+            ev = await asyncio.to_thread(store.get_evaluation, ev.id) or ev
+            if not ev.results_uri:
+                return ev, None
+            table = await asyncio.to_thread(results.read, ev.id)
+        return ev, (table if table.num_rows or ev.results_uri else None)
+
     @app.get("/api/v1/evaluations/{eval_id}/results", tags=["results"])
     async def get_results(eval_id: str, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
                           who: Principal = Depends(caller)) -> dict[str, Any]:
-        """The summary and a page of sample rows, read from the Parquet results."""
-        ev = await readable(eval_id, who)
-        if not ev.results_uri:
-            return {"id": eval_id, "status": ev.status, "summary": None, "rows": [], "total": 0, "offset": offset}
-        table = await asyncio.to_thread(results.read, eval_id)
+        """The summary and a page of sample rows, read from the Parquet results. While the
+        evaluation runs, the rows written so far (`partial` is true)."""
+        ev, table = await rows_of(await readable(eval_id, who))
+        partial = not ev.results_uri
+        if table is None:
+            return {"id": eval_id, "status": ev.status, "summary": None, "rows": [], "total": 0, "offset": offset,
+                    "partial": partial}
         page = table.slice(offset, limit).drop_columns(["scores", "answers"]).to_pylist()
         return {"id": eval_id, "status": ev.status, "summary": ev.summary, "total": table.num_rows,
-                "offset": offset, "rows": page}
+                "offset": offset, "rows": page, "partial": partial}
 
     @app.get("/api/v1/evaluations/{eval_id}/results.parquet", tags=["results"], response_class=Response,
-             responses={200: {"content": {"application/vnd.apache.parquet": {}}, "description": "every sample row"}})
+             responses={200: {"content": {"application/vnd.apache.parquet": {}},
+                              "description": "every sample row; while the evaluation runs, the rows written so far "
+                                             "(header `X-Proctor-Partial: true`)"}})
     async def get_results_parquet(eval_id: str, who: Principal = Depends(caller)) -> Response:
         """Every sample row as one Parquet file (the schema of `cluster/results.py`)."""
-        ev = await readable(eval_id, who)
-        if not ev.results_uri:
+        ev, table = await rows_of(await readable(eval_id, who))
+        if table is None:
             raise ApiError(404, "no_results", f"evaluation {eval_id} has no results yet (it is {ev.status})")
 
         def encode() -> bytes:
             sink = io.BytesIO()
-            pq.write_table(results.read(eval_id), sink, compression="zstd")
+            pq.write_table(table, sink, compression="zstd")
             return sink.getvalue()
 
         return Response(await asyncio.to_thread(encode), media_type="application/vnd.apache.parquet",
-                        headers={"Content-Disposition": f'attachment; filename="{eval_id}.parquet"'})
+                        headers={"Content-Disposition": f'attachment; filename="{eval_id}.parquet"',
+                                 "X-Proctor-Partial": "false" if ev.results_uri else "true"})
 
     @app.get("/api/v1/evaluations/{eval_id}/artifacts", response_model=ArtifactList, tags=["results"])
     async def list_artifacts(eval_id: str, who: Principal = Depends(caller)) -> ArtifactList:

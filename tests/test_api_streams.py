@@ -88,11 +88,41 @@ def test_results_as_parquet(api: Any, finished: dict[str, Any]) -> None:
     assert r.status_code == 200
     table = pq.read_table(io.BytesIO(r.content))
     assert table.num_rows == 3 and set(table.column("sample_id").to_pylist()) == {"0", "1", "2"}
+    assert r.headers["x-proctor-partial"] == "false"
     queued = client.post("/api/v1/evaluations", json=spec("not yet", runtime="kubernetes", gpu={"count": 8, "type": "H100"}),
                          headers=auth(tokens["rita"])).json()["id"]
     r = client.get(f"/api/v1/evaluations/{queued}/results.parquet", headers=auth(tokens["rita"]))
     assert r.status_code == 404 and r.json()["error"]["code"] == "no_results"
     client.delete(f"/api/v1/evaluations/{queued}", headers=auth(tokens["rita"]))
+
+
+def test_rows_written_so_far_while_it_runs(api: Any) -> None:
+    client, tokens, _ = api
+    policy = ("import time\ndef answer(messages, sample, **kw):\n"
+              "    if sample['id'] == 'slow':\n        time.sleep(300)\n    return sample['metadata']['answer']\n")
+    body = spec("partial rows", timeout_s=300, files={"policy.py": policy})
+    body["model"] = {"adapter": "python", "callable": "policy:answer"}
+    body["dataset"]["samples"] = [{"id": i, "input": "x", "target": i, "metadata": {"answer": i}}
+                                  for i in ("a", "b", "slow")]
+    body["shard_size"] = 1
+    eval_id = client.post("/api/v1/evaluations", json=body, headers=auth(tokens["rita"])).json()["id"]
+    base = f"/api/v1/evaluations/{eval_id}"
+    try:
+        deadline = time.monotonic() + 120
+        while (page := client.get(f"{base}/results", headers=auth(tokens["rita"])).json())["total"] < 2:
+            assert time.monotonic() < deadline, page
+            time.sleep(0.5)
+        assert page["partial"] is True and page["status"] == "running" and page["summary"] is None
+        assert sorted(row["sample_id"] for row in page["rows"]) == ["a", "b"]
+        assert all(row["score"] == 1.0 for row in page["rows"])
+        r = client.get(f"{base}/results.parquet", headers=auth(tokens["rita"]))
+        assert r.status_code == 200 and r.headers["x-proctor-partial"] == "true"
+        assert sorted(pq.read_table(io.BytesIO(r.content)).column("sample_id").to_pylist()) == ["a", "b"]
+    finally:
+        client.delete(base, headers=auth(tokens["rita"]))
+    wait_final(client, tokens["rita"], eval_id)
+    done = client.get(f"{base}/results", headers=auth(tokens["rita"])).json()
+    assert done["partial"] is False and done["status"] == "cancelled"
 
 
 async def _collect(url: str, token: str, stop_after: int | None = None) -> tuple[list[dict[str, Any]], Any]:

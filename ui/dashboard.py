@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from proctor.client import Client, ProctorError
+from proctor.client import Client, NotFoundError, ProctorError
 
 from .views import (FINAL, PAGE_ROWS, cluster_html, detail_html, history_frames, incidents_html, live_table, resource_frames,
                     shards_html, _e)
@@ -26,6 +26,8 @@ REFRESH_S = 2.0
 MAX_LISTED = 1000
 MAX_TABS = 256  # browser tabs whose last offered choices are remembered
 FINISHED_KEPT = 32  # finished evaluations whose rows and resource graphs the dashboard keeps
+SAMPLE_COLUMNS = ("sample_id", "epoch", "input", "target", "output", "score", "error")
+SAMPLE_ROWS = 200  # the sample browser shows the first rows
 SLOW_REFRESH_S = 10.0
 LOG_LINES = 200  # the view keeps the last lines only
 STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled", "safety_stopped"]
@@ -50,6 +52,27 @@ class Session:
         # a finished evaluation's sample rows and resource graphs never change: kept, not fetched again
         self.finished: dict[str, tuple[pd.DataFrame, tuple[pd.DataFrame, pd.DataFrame, str]]] = {}
         self.choices: dict[str, list[tuple[str, str]]] = {}  # the evaluations last offered to pick, per tab
+        self.partial: dict[str, tuple[int, pd.DataFrame]] = {}  # a running evaluation's rows so far, by progress
+
+    def rows(self, client: Client, ev: Any) -> pd.DataFrame:
+        """The first sample rows: all of a finished evaluation's, or those a running one has
+        written so far (fetched again only when its progress moves)."""
+        seen = self.partial.get(ev.id)
+        if ev.status not in FINAL and seen is not None and seen[0] == ev.done_units:
+            return seen[1]
+        try:
+            table = client.results(ev.id)
+        except NotFoundError:
+            frame = pd.DataFrame(columns=list(SAMPLE_COLUMNS))
+        else:
+            cols = [c for c in SAMPLE_COLUMNS if c in table.column_names]
+            frame = table.select(cols).slice(0, SAMPLE_ROWS).to_pandas()
+        self.partial.pop(ev.id, None)
+        if ev.status not in FINAL:
+            self.partial[ev.id] = (ev.done_units, frame)
+            while len(self.partial) > FINISHED_KEPT:
+                self.partial.pop(next(iter(self.partial)))
+        return frame
 
     def client(self, token: str) -> Client:
         if not token:
@@ -113,7 +136,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             lines = list(c.logs(eval_id, level=level or None, text=grep or None))[-LOG_LINES:]
             kept = session.finished.get(ev.id)
             if kept is None:
-                kept = (_rows(c, ev), resource_frames(c.resources(eval_id)))
+                kept = (session.rows(c, ev), resource_frames(c.resources(eval_id)))
                 if ev.status in FINAL:
                     session.finished[ev.id] = kept
                     while len(session.finished) > FINISHED_KEPT:
@@ -278,15 +301,6 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 8001, block: bo
                 show_error=True)
 
 
-SAMPLE_COLUMNS = ("sample_id", "epoch", "input", "target", "output", "score", "error")
-
-
-def _rows(client: Client, ev: Any) -> pd.DataFrame:
-    if ev.status not in FINAL or not ev.results_uri:
-        return pd.DataFrame(columns=list(SAMPLE_COLUMNS))
-    table = client.results(ev.id)
-    cols = [c for c in SAMPLE_COLUMNS if c in table.column_names]
-    return table.select(cols).slice(0, 200).to_pandas()
 
 
 def _clock(ts: Any) -> str:
