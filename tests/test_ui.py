@@ -182,6 +182,13 @@ def test_safety_stopped_evaluation_shows_its_incident(api: Any, dashboard: str, 
     shot(page, "cluster")
     page.get_by_role("tab", name="History").click()
     shot(page, "history")
+    page.locator("#pr-logout").click()  # signing out forgets the token here and in the browser
+    page.wait_for_selector("#pr-who >> text=Signed out", timeout=20_000)
+    page.get_by_role("tab", name="Live").click()
+    page.wait_for_selector("#pr-live-html >> text=sign in with an API token", timeout=20_000)
+    assert row(page, eval_id).count() == 0
+    page.reload()
+    page.wait_for_selector("#pr-who >> text=Sign in with an API token", timeout=20_000)
     page.close()
 
 

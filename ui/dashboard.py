@@ -28,6 +28,7 @@ MAX_TABS = 256  # browser tabs whose last offered choices are remembered
 FINISHED_KEPT = 32  # finished evaluations whose rows and resource graphs the dashboard keeps
 SAMPLE_COLUMNS = ("sample_id", "epoch", "input", "target", "output", "score", "error")
 SAMPLE_ROWS = 200  # the sample browser shows the first rows
+SIGNED_OUT = "signed-out"  # kept in the browser after signing out (an empty value is not stored)
 SLOW_REFRESH_S = 10.0
 LOG_LINES = 200  # the view keeps the last lines only
 STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled", "safety_stopped"]
@@ -96,10 +97,17 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         signed = sign_in(secret)
         return (*signed, signed[0])  # kept in the browser (local storage) for the next visit
 
+    def sign_out(secret: str, request: gr.Request) -> tuple[Any, ...]:
+        """Forget the token in this tab and in the browser; the views empty on their next refresh."""
+        session.clients.pop(secret, None)
+        session.choices.pop(getattr(request, "session_hash", None) or secret, None)
+        return ("", "", "Signed out; sign in with an API token", SIGNED_OUT, gr.update(value=""),
+                gr.update(choices=[], value=None), "<p>Sign in with an API token.</p>")
+
     def opened(secret: str, kept: str, request: gr.Request) -> tuple[Any, ...]:
         """On page load: sign in (the local token, else the one this browser kept) and open
         the evaluation a link names (`?eval=<id>`, from the live table or an incident)."""
-        secret = secret or kept or ""
+        secret = secret or (kept if kept != SIGNED_OUT else "")
         signed = sign_in(secret) if secret else ("", "", "Sign in with an API token")
         wanted = str(request.query_params.get("eval") or "").strip()[:128] if request is not None else ""
         if wanted and signed[0]:
@@ -205,6 +213,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         with gr.Row():
             token_box = gr.Textbox(label="API token", type="password", elem_id="pr-token", scale=4)
             login = gr.Button("Sign in", elem_id="pr-login", scale=1)
+            logout = gr.Button("Sign out", elem_id="pr-logout", scale=1, variant="secondary")
             who = gr.Markdown(elem_id="pr-who")
         with gr.Tabs() as tabs:
             with gr.Tab("Live", id="live", elem_id="pr-tab-live"):
@@ -266,6 +275,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         timer = gr.Timer(REFRESH_S)
 
         signed = login.click(sign_in_and_keep, [token_box], [token_state, role_state, who, kept_token])
+        logout.click(sign_out, [token_state], [token_state, role_state, who, kept_token, token_box, pick, live])
         demo.load(opened, [token_state, kept_token], [token_state, role_state, who, pick, tabs])
         page_state = gr.State(0)
         live_args = ([token_state, status_filter, text_filter, page_state], [live, pick, page_state])
