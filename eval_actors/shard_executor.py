@@ -32,7 +32,7 @@ from typing import Any, Literal
 from cluster.results import SampleRecord
 from cluster.runtimes import LaunchRequest, SandboxError, SandboxExit, SandboxLimits, SandboxRuntime
 from cluster.runtimes.layout import SANDBOX_USER, harness_layout
-from proctor.protocol import INLINE_ARTIFACT_BYTES, Cancel, Rejection, ShardMessage, ShardSample, encode
+from proctor.protocol import Cancel, Rejection, ShardMessage, ShardSample, encode
 from proctor.spec import EvaluationSpec, Sample
 from safety.canaries import CANARIES
 from safety.canaries import PATHS as CANARY_PATHS
@@ -131,6 +131,7 @@ class _Run:
     rejections: list[Rejection] = field(default_factory=list)
     artifacts: list[tuple[str, bytes]] = field(default_factory=list)
     artifact_bytes: int = 0
+    inline: "_Pieces | None" = None  # the inline artifact being put together from its pieces
     logs: list[str] = field(default_factory=list)
     done: Any = None
     first_event_s: float | None = None
@@ -138,6 +139,18 @@ class _Run:
     model_calls: int = 0
     model_tokens: int = 0
     guard: SafetyGuard | None = None
+
+
+@dataclass
+class _Pieces:
+    """An inline artifact arriving in pieces: what its first event declared, and the bytes so far."""
+
+    path: str
+    size: int
+    sha256: str
+    data: bytearray = field(default_factory=bytearray)
+    received: int = 0
+    dropped: bool = False  # refused at its first piece (too large): the rest is counted, not kept
 
 
 class ShardExecutor:
@@ -193,7 +206,8 @@ class ShardExecutor:
                 return self._outcome(run, "failed", str(exc), None, started)
             run.guard = self.guard = self._guard(spec, request, sandbox)
             run.guard.start()
-            await sandbox.send(encode(_shard_message(work, inline_artifacts=not self.runtime.shares_workspace)))
+            inline = 0 if self.runtime.shares_workspace else inline_budget(request.limits.output_cap_bytes)
+            await sandbox.send(encode(_shard_message(work, inline_artifact_bytes=inline)))
             watcher = asyncio.create_task(self._watch_cancel(sandbox, cancel)) if cancel else None
             pending: set[asyncio.Task[None]] = set()
             try:
@@ -213,6 +227,8 @@ class ShardExecutor:
                 for task in pending:
                     task.cancel()
                 await run.guard.close()
+            if run.inline is not None and not run.inline.dropped:
+                self._reject_inline(run, "arrived incomplete")
             run.rejections.extend(sandbox.parser.rejections)
             if run.guard.stopped is not None:
                 self._collect_left_behind(run, workspace)
@@ -408,22 +424,59 @@ class ShardExecutor:
         _keep_artifact(run, rel, event.path, data)
 
     def _collect_inline(self, run: _Run, rel: Path, event: Any) -> None:
-        """An artifact whose content came in its event (the host cannot read the workspace):
-        kept only if it decodes to exactly the size and SHA-256 the event declares."""
+        """A piece of an artifact whose content comes in its events (the host cannot read
+        the workspace). Pieces come in order, one artifact at a time; the artifact is kept
+        only if they add up to exactly the size and SHA-256 its first event declared."""
         if getattr(event, "data", None) is None:
-            run.rejections.append(Rejection(f"artifact {event.path!r} ({getattr(event, 'size', '?')} bytes) "
-                                            f"was not sent inline (over {INLINE_ARTIFACT_BYTES} bytes)", "", 0))
+            run.rejections.append(Rejection(f"artifact {event.path!r} ({getattr(event, 'size', '?')} bytes) was not "
+                                            "sent inline (over the shard's inline budget: 3/8 of its output cap)",
+                                            "", 0))
+            return
+        offset, piece = getattr(event, "offset", 0), run.inline
+        if offset == 0:
+            if piece is not None and not piece.dropped:
+                self._reject_inline(run, "arrived incomplete")
+            piece = run.inline = _Pieces(event.path, event.size, event.sha256)
+            if event.size > _room(run):
+                run.rejections.append(Rejection(f"artifact {event.path!r} is over the size limit", "", 0))
+                piece.dropped = True
+        elif piece is None or (piece.path, piece.size, piece.sha256) != (event.path, event.size, event.sha256) \
+                or offset != piece.received:
+            if piece is not None and not piece.dropped:
+                self._reject_inline(run, "arrived out of order")
+            run.inline = None
+            run.rejections.append(Rejection(f"artifact {event.path!r}: a piece at offset {offset} that follows "
+                                            "nothing sent", "", 0))
             return
         try:
             data = base64.b64decode(event.data, validate=True)
         except ValueError:
-            run.rejections.append(Rejection(f"artifact {event.path!r}: its content is not base64", "", 0))
+            data = None
+        if data is None or piece.received + len(data) > piece.size:
+            if not piece.dropped:
+                self._reject_inline(run, "its content is not base64" if data is None else
+                                    "its content does not match its size and SHA-256 (more bytes)")
+            run.inline = None
             return
-        if len(data) != event.size or hashlib.sha256(data).hexdigest() != event.sha256:
+        piece.received += len(data)
+        if not piece.dropped:
+            piece.data += data
+        if piece.received < piece.size:
+            return
+        run.inline = None
+        if piece.dropped:
+            return
+        if hashlib.sha256(piece.data).hexdigest() != piece.sha256:
             run.rejections.append(Rejection(f"artifact {event.path!r}: its content does not match its size "
                                             "and SHA-256", "", 0))
             return
-        _keep_artifact(run, rel, event.path, data)
+        _keep_artifact(run, rel, event.path, bytes(piece.data))
+
+    @staticmethod
+    def _reject_inline(run: _Run, why: str) -> None:
+        assert run.inline is not None
+        run.rejections.append(Rejection(f"artifact {run.inline.path!r}: {why}", "", 0))
+        run.inline = None
 
     def _judge(self, run: _Run, exit_: SandboxExit, cancel: asyncio.Event | None) -> tuple[str, str | None]:
         if run.guard is not None and run.guard.stopped is not None:
@@ -519,7 +572,13 @@ def _make_workspace(path: Path, files: dict[str, str]) -> None:
         os.chown(p, SANDBOX_USER, SANDBOX_USER)
 
 
-def _shard_message(work: ShardWork, inline_artifacts: bool = False) -> ShardMessage:
+def inline_budget(output_cap: int) -> int:
+    """Bytes of artifact content a pod may send in its events: 3/8 of its output cap (half
+    the cap once base64 has grown them), so that artifacts never stop a shard at its cap."""
+    return min(output_cap * 3 // 8, MAX_ARTIFACTS_TOTAL)
+
+
+def _shard_message(work: ShardWork, inline_artifact_bytes: int = 0) -> ShardMessage:
     spec = work.spec
     return ShardMessage(
         eval_id=work.eval_id,
@@ -539,5 +598,5 @@ def _shard_message(work: ShardWork, inline_artifacts: bool = False) -> ShardMess
         max_turns=spec.safety.max_turns,
         tool_timeout_s=spec.sandbox.tool_timeout_s,
         artifacts=list(spec.sandbox.artifacts),
-        inline_artifacts=inline_artifacts,
+        inline_artifact_bytes=inline_artifact_bytes,
     )

@@ -10,10 +10,10 @@ paths, no '..', no links or devices, at most `MAX_WORKSPACE_BYTES` — and then 
 harness on the rest of stdin/stdout, or execs COMMAND (its `python` being this one) with
 the same stdin/stdout.
 
-Artifacts come back over the same channel: the runtime asks the harness to inline each
-one's content in its `artifact` event (`ShardMessage.inline_artifacts`), up to
-`proctor.protocol.INLINE_ARTIFACT_BYTES`; larger ones stay in the pod's emptyDir and are
-deleted with the pod.
+Artifacts come back over the same channel: the runtime asks the harness to send their
+content in `artifact` events (`ShardMessage.inline_artifact_bytes`), in pieces of
+`proctor.protocol.INLINE_ARTIFACT_BYTES`, up to 3/8 of the shard's output cap in all; the
+ones beyond that stay in the pod's emptyDir and are deleted with the pod.
 
 `pack_workspace` is the other end, used by the runtime on the host. Imports: the standard
 library only, like the harness (never Ray).

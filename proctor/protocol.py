@@ -99,7 +99,7 @@ class MetricEvent(_Out):
     value: float
 
 
-INLINE_ARTIFACT_BYTES = 512 * 1024  # an inlined artifact's content, base64, fits one protocol line
+INLINE_ARTIFACT_BYTES = 512 * 1024  # one piece of an inlined artifact's content: base64, it fits one protocol line
 
 
 class ArtifactEvent(_Out):
@@ -108,8 +108,10 @@ class ArtifactEvent(_Out):
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     data: str | None = Field(None, max_length=(INLINE_ARTIFACT_BYTES + 2) // 3 * 4,
-                             description="the content, base64, when the shard asked for inline artifacts "
-                                         "(its workspace is not on the supervisor's host: a pod)")
+                             description="a piece of the content, base64, when the shard asked for inline "
+                                         "artifacts (its workspace is not on the supervisor's host: a pod); "
+                                         "a larger file comes in several events, in order")
+    offset: int = Field(0, ge=0, description="where this piece of `data` starts in the file")
 
 
 class ChatTurn(BaseModel):
@@ -181,8 +183,9 @@ class ShardMessage(_Msg):
     max_turns: int = 20
     tool_timeout_s: float = 60.0
     artifacts: list[str] = Field(default_factory=list)
-    inline_artifacts: bool = Field(False, description="send each artifact's content in its event (up to "
-                                                       "INLINE_ARTIFACT_BYTES): the host cannot read the workspace")
+    inline_artifact_bytes: int = Field(0, ge=0, description="the host cannot read the workspace: send artifacts' "
+                                       "content in their events, in pieces of INLINE_ARTIFACT_BYTES, up to this "
+                                       "many bytes in all (0: the host reads the files itself)")
 
 
 class Cancel(_Msg):

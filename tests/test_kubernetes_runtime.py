@@ -20,7 +20,7 @@ import pytest
 from cluster.runtimes import RuntimeUnavailable, SandboxError, select_runtime
 from cluster.runtimes.kubernetes import KubernetesRuntime
 from eval_actors.gateway import ModelGateway
-from eval_actors.shard_executor import ShardExecutor, ShardWork
+from eval_actors.shard_executor import MAX_ARTIFACTS_TOTAL, ShardExecutor, ShardWork
 from kubeapi import A100_NODE, KubeApiDouble, testing
 from kubeapi.testing import FAST, REPORT, first_event, needs_double, request, run_to_end
 from proctor.harness.runner import sample_dir_name
@@ -49,12 +49,13 @@ def test_a_shard_runs_in_a_pod_and_its_samples_are_scored(runtime: Any, double: 
         "name": "kube", "model": {"adapter": "openai", "model": "m", "base_url": "http://gateway.invalid/v1"},
         "dataset": {"samples": [{"id": str(i), "input": f"{i} + {4 - i}?", "target": "4",
                                  "files": {"notes.txt": f"note {i}\n",
-                                           **({"big.bin": "x" * (INLINE_ARTIFACT_BYTES + 1)} if i == 0 else {})}}
+                                           **({"big.bin": "x" * (INLINE_ARTIFACT_BYTES + 1)} if i == 0 else {}),
+                                           **({"huge.bin": "y" * (300 * 1024)} if i == 1 else {})}}
                                 for i in range(3)]},
         "scorers": [{"type": "exact"},
                     {"type": "command", "name": "workspace", "command": 'test "$(cat ../data/answer.txt)" = 42'}],
         "sandbox": {"runtime": "kubernetes", "memory": "256Mi", "timeout_s": 60, "files": {"data/answer.txt": "42"},
-                    "artifacts": ["notes.txt", "big.bin"]},
+                    "artifacts": ["notes.txt", "big.bin", "huge.bin"], "output_cap": "2Mi"},
     })
     work = ShardWork("ev-kube", "s0000", spec, tuple(spec.dataset.samples or ()))
     gateway = AnswerFour()
@@ -67,11 +68,16 @@ def test_a_shard_runs_in_a_pod_and_its_samples_are_scored(runtime: Any, double: 
     assert outcome.model_calls == 3  # every generate went out through the attach stream and back
     assert seen[0] == "log" and seen.count("sample") == 3 and seen[-1] == "done"
     assert outcome.exit is not None and outcome.exit.reason == "exited" and outcome.exit.exit_code == 0
-    # artifacts came back inline over the attach stream, checked against their SHA-256
+    # artifacts came back inline over the attach stream (big.bin in two pieces), checked against
+    # their SHA-256, up to the inline budget (3/8 of the 2 MiB output cap: 768 KiB)
     kept = dict(outcome.artifacts)
-    assert sorted(kept) == [f"{sample_dir_name(str(i), 1)}/notes.txt" for i in range(3)]
+    big = f"{sample_dir_name('0', 1)}/big.bin"
+    assert sorted(kept) == sorted([big] + [f"{sample_dir_name(str(i), 1)}/notes.txt" for i in range(3)])
+    assert kept.pop(big) == b"x" * (INLINE_ARTIFACT_BYTES + 1)
     assert [kept[k] for k in sorted(kept)] == [f"note {i}\n".encode() for i in range(3)]
-    assert any("big.bin" in r.reason and "not sent inline" in r.reason for r in outcome.rejections)
+    assert [r.reason for r in outcome.rejections if "bin" in r.reason] == [
+        f"artifact '{sample_dir_name('1', 1)}/huge.bin' (307200 bytes) was not sent inline (over the shard's "
+        "inline budget: 3/8 of its output cap)"]
     if double is not None:
         pod = next(o for _, kind, _, t, o in double.store.log if kind == "pods" and t == "ADDED"
                    and o["metadata"]["annotations"]["proctor.dev/eval-id"] == "ev-kube")
@@ -105,6 +111,38 @@ def test_an_inline_artifact_is_kept_only_if_it_matches_what_it_declares(runtime:
     reasons = " | ".join(r.reason for r in run.rejections)
     assert reasons.count("does not match its size and SHA-256") == 2 and "not base64" in reasons
     assert "leaves the workspace" in reasons
+
+    # a larger artifact comes in pieces, in order, one artifact at a time
+    content = bytes(range(256)) * 10
+
+    def piece(path: str, offset: int, length: int, whole: bytes = content) -> Any:
+        return SimpleNamespace(path=path, size=len(whole), sha256=hashlib.sha256(whole).hexdigest(), offset=offset,
+                               data=base64.b64encode(whole[offset:offset + length]).decode())
+
+    run.rejections.clear()
+    steps = [piece("0-e1/whole.bin", 0, 1000), piece("0-e1/whole.bin", 1000, 1000), piece("0-e1/whole.bin", 2000, 560),
+             piece("0-e1/gap.bin", 0, 1000), piece("0-e1/gap.bin", 1500, 1000),  # a piece skipped
+             piece("0-e1/cut.bin", 0, 1000), piece("0-e1/next.bin", 0, 2560),  # cut.bin never finished
+             piece("0-e1/empty.bin", 0, 0, whole=b""),
+             piece("0-e1/tail.bin", 0, 1000)]  # still incomplete when the shard ends
+    for e in steps:
+        executor._collect_artifact(run, tmp_path / "no-such-workspace", e)
+    assert dict(run.artifacts) == {"0-e1/ok.txt": good, "0-e1/whole.bin": content, "0-e1/next.bin": content,
+                                   "0-e1/empty.bin": b""}
+    reasons = " | ".join(r.reason for r in run.rejections)
+    assert "'0-e1/gap.bin': arrived out of order" in reasons and "a piece at offset 1500" in reasons
+    assert "'0-e1/cut.bin': arrived incomplete" in reasons
+    assert run.inline is not None and run.inline.path == "0-e1/tail.bin"  # the executor rejects it at the end
+
+    # one over the size limit is refused once, at its first piece; the rest of it is ignored
+    run.rejections.clear()
+    run.inline, run.artifact_bytes = None, MAX_ARTIFACTS_TOTAL - 1000
+    for offset in (0, 1000, 2000):
+        executor._collect_artifact(run, tmp_path / "no-such-workspace", piece("0-e1/large.bin", offset, 1000))
+    executor._collect_artifact(run, tmp_path / "no-such-workspace", piece("0-e1/large.bin", 3000, 1000))
+    assert [r.reason for r in run.rejections] == ["artifact '0-e1/large.bin' is over the size limit",
+                                                  "artifact '0-e1/large.bin': a piece at offset 3000 that follows "
+                                                  "nothing sent"]
 
 
 def test_events_stream_in_order_and_send_reaches_the_pod(runtime: Any, workspace: Path) -> None:

@@ -17,7 +17,8 @@ shard owns. `stats()` reads the metrics API (memory only: it gives no CPU second
 `trace_log` is None: there is no strace in a pod.
 
 Artifacts come back inline in their `artifact` events (the shard asks for it: the host
-cannot read a pod's workspace), up to `INLINE_ARTIFACT_BYTES` each; larger ones, and the
+cannot read a pod's workspace), in pieces of `INLINE_ARTIFACT_BYTES`, up to 3/8 of the
+shard's output cap in all (the executor's `inline_budget`); the ones beyond that, and the
 files a safety-stopped pod left behind, are not copied back.
 """
 

@@ -140,6 +140,7 @@ class Conversation:
 class ShardRun:
     def __init__(self, shard: ShardMessage, channel: Channel, workspace: Path, adapter: ModelAdapter, scorers: list[Scorer]):
         self.shard = shard
+        self.inline_left = shard.inline_artifact_bytes  # artifact content still to send in events (pods)
         self.channel = channel
         self.workspace = workspace
         self.adapter = adapter
@@ -196,16 +197,22 @@ class ShardRun:
                 seen.add(path)
                 digest = hashlib.sha256()
                 size = path.stat().st_size
-                inline = self.shard.inline_artifacts and size <= INLINE_ARTIFACT_BYTES
+                inline = self.shard.inline_artifact_bytes > 0 and size <= self.inline_left
                 content = bytearray()
                 with path.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
                         digest.update(block)
-                        if inline:
+                        if inline and len(content) <= size:
                             content += block
-                data = base64.b64encode(content).decode() if inline and len(content) <= INLINE_ARTIFACT_BYTES else None
-                self.channel.emit(ArtifactEvent, path=str(path.relative_to(self.workspace))[:1024],
-                                  size=size, sha256=digest.hexdigest(), data=data)
+                named = str(path.relative_to(self.workspace))[:1024]
+                if not inline or len(content) != size:  # too large for what is left, or it changed meanwhile
+                    self.channel.emit(ArtifactEvent, path=named, size=size, sha256=digest.hexdigest())
+                    continue
+                self.inline_left -= size
+                for offset in range(0, max(size, 1), INLINE_ARTIFACT_BYTES):  # in order; one even when empty
+                    piece = base64.b64encode(content[offset:offset + INLINE_ARTIFACT_BYTES]).decode()
+                    self.channel.emit(ArtifactEvent, path=named, size=size, sha256=digest.hexdigest(),
+                                      data=piece, offset=offset)
 
     def attempt(self, sample: ShardSample, epoch: int, conversation: Conversation, errors: list[str]) -> dict[str, Score]:
         """Prepare, converse and score; each failure is appended to `errors`."""
