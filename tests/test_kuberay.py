@@ -124,22 +124,27 @@ def test_rayservice_passes_kuberays_own_checks(rendered: list[dict[str, Any]]) -
 
 
 def test_gpu_groups_offer_their_gpu_type(rendered: list[dict[str, Any]]) -> None:
-    """A GPU group's pods take NVIDIA GPUs, tolerate GPU nodes' taint, and tell Ray the type
-    the way Ray itself does and Proctor's scheduler matches it (`accelerator_type:<TYPE>: 1` per
-    node, whatever its GPU count)."""
+    """A GPU group tells Ray its GPU count and type the way Proctor's scheduler matches them
+    (`accelerator_type:<TYPE>: 1` per node, whatever its GPU count). With the shipped
+    kubernetes runtime its Ray pods hold no GPU: the sandbox pods take them, so none is
+    held twice."""
+    settings = one(rendered, "ConfigMap", "proctor-settings")["data"]
+    assert settings["PROCTOR_RUNTIME"] == "kubernetes"
     cluster = rayservice(rendered)["spec"]["rayClusterConfig"]
     gpu_groups = [g for g in cluster["workerGroupSpecs"] if g["groupName"].startswith("gpu-")]
     assert gpu_groups
     for g in gpu_groups:
         spec = g["template"]["spec"]
-        gpus = int(spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
         raw = g["rayStartParams"]["resources"]
         assert raw.startswith('"') and raw.endswith('"'), "KubeRay passes it to a shell: quote it"
         offered = yaml.safe_load(raw[1:-1].replace('\\"', '"'))
         gpu_type = g["template"]["metadata"]["labels"]["proctor.dev/gpu-type"]
-        assert offered == {f"accelerator_type:{gpu_type}": 1} and gpus >= 1
+        assert offered == {f"accelerator_type:{gpu_type}": 1}
+        assert int(g["rayStartParams"]["num-gpus"]) >= 1
         assert g["groupName"] == f"gpu-{gpu_type.lower()}"
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        for container in spec["containers"]:
+            for kind in ("requests", "limits"):
+                assert "nvidia.com/gpu" not in container["resources"].get(kind, {}), g["groupName"]
 
 
 def test_gcs_fault_tolerance_uses_the_rendered_redis(rendered: list[dict[str, Any]]) -> None:
