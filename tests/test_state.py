@@ -189,6 +189,21 @@ def test_list_filters_by_status_owner_label_and_text(store: StateStore) -> None:
     assert ids(owner="alice", status="scheduled") == []
 
 
+def test_a_listing_carries_only_the_listed_parts_of_each_spec(store: StateStore) -> None:
+    big = {**SPEC, "dataset": {"path": "s3://b/suite.jsonl"}, "sandbox": {"gpu": {"count": 8, "type": "H100"}},
+           "notes": "x" * 100_000}
+    new_eval(store, "ev-gpu", spec=big)
+    new_eval(store, "ev-cpu")  # a spec with neither part
+    listed = {e.id: e for e in store.list_evaluations()[0]}
+    assert listed["ev-gpu"].spec == {"sandbox": {"gpu": {"count": 8, "type": "H100"}},
+                                     "dataset": {"path": "s3://b/suite.jsonl"}}
+    assert listed["ev-cpu"].spec == {}
+    assert store.get_evaluation("ev-gpu").spec == big  # whole where one evaluation is read
+    whole = store.get_evaluation("ev-gpu")
+    assert {f: getattr(listed["ev-gpu"], f) for f in vars(whole) if f != "spec"} == \
+        {f: getattr(whole, f) for f in vars(whole) if f != "spec"}
+
+
 def test_cursor_pages_return_every_item_once_despite_inserts(store: StateStore) -> None:
     for i in range(23):
         new_eval(store, f"ev-{i:02d}", shards=0)

@@ -274,8 +274,8 @@ class Evaluation:
         return self.status in TERMINAL
 
     @classmethod
-    def from_row(cls, row: Any) -> "Evaluation":
-        return _record(cls, row, labels=dict(row.labels or {}))
+    def from_row(cls, row: Any, **extra: Any) -> "Evaluation":
+        return _record(cls, row, labels=dict(row.labels or {}), **extra)
 
 
 @dataclass(frozen=True)

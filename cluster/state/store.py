@@ -69,6 +69,7 @@ TOKEN_TOUCH = timedelta(minutes=1)  # last_used_at is written at most this often
 EVAL_FIELDS = frozenset({"wait_reason", "error", "summary", "results_uri", "done_units"})
 EVAL_UPDATE_FIELDS = EVAL_FIELDS | {"priority", "labels"}
 SHARD_FIELDS = frozenset({"sandbox_id", "supervisor", "placement", "error"})
+LISTED_SPEC = (("sandbox", "gpu"), ("dataset", "path"))  # the parts of a spec that a listing reads
 
 
 def _now() -> datetime:
@@ -287,14 +288,18 @@ class StateStore:
         Filters combine with AND; `text` matches name or model, case-insensitively; `model`
         is the model's label exactly. `sort` is one of `SORTS` (`-` for descending; ties by
         id). Pages are keyed on (sort value, id), so rows inserted between pages never
-        shift later pages. Raises `StateError` for a bad sort, limit or cursor."""
+        shift later pages. Raises `StateError` for a bad sort, limit or cursor.
+
+        A listed evaluation's `spec` holds only what a listing shows (`LISTED_SPEC`: the
+        GPU request and the dataset's path), not its samples: `get_evaluation` has it whole."""
         if not 1 <= limit <= 1000:
             raise StateError(f"limit {limit} is out of range; use 1 to 1000")
         if sort not in SORTS:
             raise StateError(f"sort {sort!r} is not known; known: {', '.join(SORTS)}")
         column = E.c[sort.lstrip("-")]
         descending = sort.startswith("-")
-        q = select(E)
+        listed = [E.c.spec[path].label(f"spec_{i}") for i, path in enumerate(LISTED_SPEC)]
+        q = select(*[c for c in E.c if c.name != "spec"], *listed)
         if status is not None:
             q = q.where(E.c.status.in_([status] if isinstance(status, str) else list(status)))
         if owner is not None:
@@ -314,7 +319,7 @@ class StateStore:
         order = (column.desc(), E.c.id.desc()) if descending else (column.asc(), E.c.id.asc())
         with self._tx() as conn:
             rows = conn.execute(q.order_by(*order).limit(limit + 1)).all()
-        items = [Evaluation.from_row(r) for r in rows[:limit]]
+        items = [Evaluation.from_row(r, spec=_listed_spec(r)) for r in rows[:limit]]
         return items, (_encode_cursor(items[-1], sort) if len(rows) > limit else None)
 
     def transition_evaluation(self, id: str, to: str, *, expect: str | Iterable[str] | None = None,
@@ -529,6 +534,16 @@ class StateStore:
 
 
 SORTS = ("created_at", "-created_at", "name", "-name", "status", "-status", "priority", "-priority")
+
+
+def _listed_spec(row: Any) -> dict[str, Any]:
+    """The parts of a spec a listing reads (`LISTED_SPEC`), from a row of `list_evaluations`."""
+    spec: dict[str, Any] = {}
+    for i, (section, key) in enumerate(LISTED_SPEC):
+        value = getattr(row, f"spec_{i}")
+        if value is not None:
+            spec.setdefault(section, {})[key] = value
+    return spec
 
 
 def _reopen(url: str) -> StateStore:
