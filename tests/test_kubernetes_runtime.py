@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from cluster.runtimes import RuntimeUnavailable, SandboxError, select_runtime
-from cluster.runtimes.kubernetes import KubernetesRuntime
+from cluster.runtimes.kubernetes import METRICS_EVERY_S, KubernetesRuntime, go_duration
 from eval_actors.gateway import ModelGateway
 from eval_actors.shard_executor import MAX_ARTIFACTS_TOTAL, ShardExecutor, ShardWork
 from kubeapi import A100_NODE, KubeApiDouble, testing
@@ -336,20 +336,40 @@ def test_cleanup_is_safe_after_a_failed_launch_and_twice(runtime: Any, workspace
 
 
 @needs_double
+def test_metrics_windows_are_read_as_go_durations() -> None:
+    assert [go_duration(w) for w in ("15s", "20.031s", "1m0.5s", "1h2m3s", "250ms")] == [15, 20.031, 60.5, 3723, 0.25]
+    for bad in ("", "15", "s", "15 s", "-1s", "1x"):
+        with pytest.raises(ValueError):
+            go_duration(bad)
+
+
 def test_stats_come_from_the_metrics_api(runtime: Any, workspace: Path) -> None:
+    burner = REPORT + "import time\nreport(up=True)\nend = time.process_time() + 1.5\n" \
+                      "while time.process_time() < end:\n    pass\nreport(burnt=True)\ntime.sleep(120)\n"
+
     async def go() -> Any:
-        sandbox = await runtime.launch(request(workspace))
+        sandbox = await runtime.launch(request(workspace, burner))
         try:
             await first_event(sandbox)
             stats = await sandbox.stats()
             assert await sandbox.stats() is stats  # asked at most every few seconds
-            return stats, sandbox.trace_log
+            runtime.metrics_every_s = 0.0
+            await first_event(sandbox)  # it has burnt 1.5 s of CPU
+            deadline = time.monotonic() + 90  # a real metrics-server scrapes every 15 s
+            while (later := await sandbox.stats()).cpu_seconds is None or later.cpu_seconds < 1.2:
+                assert time.monotonic() < deadline, later
+                await asyncio.sleep(0.5)
+            return stats, later, sandbox.trace_log
         finally:
             await sandbox.kill()
             await sandbox.cleanup()
 
-    stats, trace_log = asyncio.run(go())
-    assert stats.memory_bytes and stats.memory_bytes > 1024**2 and stats.cpu_seconds is None
+    try:
+        stats, later, trace_log = asyncio.run(go())
+    finally:
+        runtime.metrics_every_s = METRICS_EVERY_S
+    assert stats.memory_bytes and stats.memory_bytes > 1024**2
+    assert 1.2 <= later.cpu_seconds < 3.0  # CPU seconds summed from the API's rates over their windows
     assert trace_log is None
 
 

@@ -103,7 +103,9 @@ class Sandbox(ABC):
 
     @abstractmethod
     def events(self) -> AsyncIterator[Any]:
-        """Validated protocol events, in order, until the channel closes."""
+        """Validated protocol events, in order, until the channel closes. Iterate it once: a
+        reader that leaves early gives up the rest (a local runtime reads and drops it, so
+        that the sandbox can end and `wait()` return)."""
 
     @abstractmethod
     async def send(self, line: bytes) -> None:

@@ -13,8 +13,8 @@ the runner protocol: events from stdout, messages to stdin, like any local sandb
 the container ended (OOMKilled → oom, evicted → killed, DeadlineExceeded → deadline);
 `cleanup()` deletes the pod and its policy, tolerating what is already gone. Pods are
 never restarted. `reconcile()` deletes the pods of this platform instance that no live
-shard owns. `stats()` reads the metrics API (memory only: it gives no CPU seconds) and
-`trace_log` is None: there is no strace in a pod.
+shard owns. `stats()` reads the metrics API (memory, and CPU seconds summed from its
+per-scrape CPU rates) and `trace_log` is None: there is no strace in a pod.
 
 Artifacts come back inline in their `artifact` events (the shard asks for it: the host
 cannot read a pod's workspace), in pieces of `INLINE_ARTIFACT_BYTES`, up to 3/8 of the
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,19 @@ METRICS_EVERY_S = 10.0  # metrics-server scrapes every 15 s by default: asking m
 FINAL_STATE_S = 15.0  # how long the kubelet may take to report a container's end
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go duration string, as the metrics API writes its `window` ("15s",
+    "20.031s", "1m0.5s"). Raises ValueError for anything else."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{text!r} is not a duration")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
 class PodSandbox(StreamSandbox):
     runtime = "kubernetes"
     isolation = "strong"
@@ -70,6 +84,8 @@ class PodSandbox(StreamSandbox):
         self._removed = False
         self._stats = SandboxStats()
         self._stats_at = float("-inf")
+        self._scrape: tuple[Any, Any] = (None, None)  # the metrics API's last (timestamp, window)
+        self._cpu_s = 0.0
 
     # ------------------------------------------------------------ launch
 
@@ -188,16 +204,26 @@ class PodSandbox(StreamSandbox):
         await self.channel.write(line)
 
     async def stats(self) -> SandboxStats:
+        """Memory as the metrics API last saw it; CPU seconds summed from its CPU rates, each
+        over its window (metrics-server reports an average rate per scrape, not a counter),
+        so they trail the pod by up to a scrape."""
         now = asyncio.get_running_loop().time()
-        if now - self._stats_at < METRICS_EVERY_S:
+        if now - self._stats_at < self.rt.metrics_every_s:
             return self._stats
         self._stats_at = now
         try:
             metrics = await self.api.pod_metrics(self.pod)
-            memory = sum(int(parse_quantity(c["usage"]["memory"])) for c in metrics.get("containers") or [])
-        except (SandboxError, KeyError, TypeError, ValueError):
+            containers = metrics.get("containers") or []
+            memory = sum(int(parse_quantity(c["usage"]["memory"])) for c in containers)
+            rate = sum(float(parse_quantity(c["usage"].get("cpu", "0"))) for c in containers)
+            scrape = (metrics.get("timestamp"), metrics.get("window"))
+            window = go_duration(str(scrape[1]))
+        except (SandboxError, KeyError, TypeError, ValueError, AttributeError):
             return SandboxStats(at=now)  # no metrics API, or not scraped yet
-        self._stats = SandboxStats(memory_bytes=memory, at=now)
+        if scrape != self._scrape:  # each scrape counted once
+            self._scrape = scrape
+            self._cpu_s += rate * window
+        self._stats = SandboxStats(memory_bytes=memory, cpu_seconds=self._cpu_s, at=now)
         return self._stats
 
     # ------------------------------------------------------------ the end
@@ -286,6 +312,7 @@ class KubernetesRuntime(SandboxRuntime):
     def __init__(self, settings: Any, retry: RetryPolicy = RetryPolicy()):
         self.pods = PodSettings.of(settings)
         self.pending_timeout_s: float = settings.kube_pending_timeout_s
+        self.metrics_every_s = METRICS_EVERY_S  # how often a sandbox's stats() asks the metrics API
         self.api = KubeApi(load_configuration(settings.kubeconfig), self.pods.namespace, retry)
         self.active: dict[str, PodSandbox] = {}
         self._anchor: dict[str, Any] | None = None

@@ -96,6 +96,7 @@ class Container:
     pumps: list[threading.Thread] = field(default_factory=list)
     stdin_closed: bool = False
     cgroup: CgroupSet | None = None
+    scraped: tuple[float, float] | None = None  # (monotonic time, CPU seconds) at the last metrics scrape
 
 
 class Kubelet:
@@ -350,15 +351,22 @@ def _process_tree() -> dict[int, list[int]]:
     return children
 
 
-def _rss(pid: int, tree: dict[int, list[int]]) -> int:
-    """Resident bytes of `pid` and every process below it."""
-    total, todo, seen = 0, [pid], set()
+def _below(pid: int, tree: dict[int, list[int]]) -> list[int]:
+    """`pid` and every process below it."""
+    found, todo, seen = [], [pid], set()
     while todo:
         p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        todo.extend(tree.get(p, []))
+        if p not in seen:
+            seen.add(p)
+            found.append(p)
+            todo.extend(tree.get(p, []))
+    return found
+
+
+def _rss(pid: int, tree: dict[int, list[int]]) -> int:
+    """Resident bytes of `pid` and every process below it."""
+    total = 0
+    for p in _below(pid, tree):
         try:
             with open(f"/proc/{p}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -369,3 +377,29 @@ def _rss(pid: int, tree: dict[int, list[int]]) -> int:
 
 def rss(pid: int) -> int:
     return _rss(pid, _process_tree())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of `pid` and every live process below it."""
+    total = 0.0
+    for p in _below(pid, _process_tree()):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def scrape_cpu(c: "Container") -> tuple[float, float]:
+    """What metrics-server reports for a container: its average CPU rate (cores) since the
+    last scrape (or its start), and that window in seconds."""
+    now = time.monotonic()
+    used = c.cgroup.cpu_seconds() if c.cgroup is not None else None
+    used = used if used is not None else cpu_seconds(c.proc.pid)
+    then, before = c.scraped or (c.started, 0.0)
+    c.scraped = (now, used)
+    window = max(now - then, 1e-3)
+    return max(0.0, used - before) / window, window

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import kubernetes_validate
 
 from .attach import PROTOCOL, AttachSession, accept_key
-from .kubelet import rss
+from .kubelet import rss, scrape_cpu
 from .store import KINDS, ApiError, now_iso
 
 K8S_VERSION = "1.37.0"
@@ -193,9 +193,10 @@ class ApiHandler(BaseHTTPRequestHandler):
         container = self.server.double.kubelet.container(ns, name)
         if container is None or container.ended:
             raise ApiError(404, "NotFound", f'podmetrics.metrics.k8s.io "{ns}/{name}" not found')
-        usage = {"cpu": "0", "memory": f"{rss(container.proc.pid) // 1024}Ki"}
+        rate, window = scrape_cpu(container)  # every request is a fresh scrape here
+        usage = {"cpu": f"{int(rate * 1e9)}n", "memory": f"{rss(container.proc.pid) // 1024}Ki"}
         self._json(200, {"kind": "PodMetrics", "apiVersion": "metrics.k8s.io/v1beta1",
-                         "metadata": {"name": name, "namespace": ns}, "timestamp": now_iso(), "window": "15s",
+                         "metadata": {"name": name, "namespace": ns}, "timestamp": now_iso(), "window": f"{window:.3f}s",
                          "containers": [{"name": "sandbox", "usage": usage}]})
         return 200
 
