@@ -83,8 +83,54 @@ class Session:
         return self.clients[token]
 
 
+class Sent:
+    """What each browser tab was last sent by each refresher. An output equal to what the tab
+    already shows goes as `gr.skip()`: neither the wire nor the page does any work for it (a
+    finished evaluation's detail, quiet incidents, the unchanged graphs). A handler other
+    than the refresher that changes one of its outputs must `forget` the tab. Every
+    `full_every`-th answer goes whole: two answers of one refresher may cross on their way
+    (a timer's and a click's), and the page then shows the older one until then."""
+
+    def __init__(self, most: int, full_every: int = 15):
+        self.most = most
+        self.full_every = full_every
+        self.last: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self.answers: dict[tuple[str, str], int] = {}
+
+    def changed(self, refresher: str, request: Any, outputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        tab = getattr(request, "session_hash", None)
+        if tab is None:
+            return outputs
+        key = (refresher, tab)
+        before = self.last.pop(key, None)
+        self.last[key] = outputs
+        answers = self.answers[key] = self.answers.pop(key, 0) + 1
+        while len(self.last) > self.most:
+            self.answers.pop(oldest := next(iter(self.last)), None)
+            self.last.pop(oldest)
+        if before is None or len(before) != len(outputs) or answers % self.full_every == 0:
+            return outputs
+        return tuple(gr.skip() if _same(old, new) else new for old, new in zip(before, outputs))
+
+    def forget(self, request: Any) -> None:
+        tab = getattr(request, "session_hash", None)
+        for key in [k for k in self.last if k[1] == tab]:
+            del self.last[key]
+            self.answers.pop(key, None)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, pd.DataFrame) or isinstance(b, pd.DataFrame):
+        return isinstance(a, pd.DataFrame) and isinstance(b, pd.DataFrame) and a.equals(b)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
 def build(api_url: str, token: str | None = None, ray_dashboard: str | None = None) -> gr.Blocks:
     session = Session(api_url)
+    sent = Sent(most=8 * MAX_TABS)  # five refreshers per tab
 
     def sign_in(secret: str) -> tuple[Any, ...]:
         try:
@@ -101,6 +147,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         """Forget the token in this tab and in the browser; the views empty on their next refresh."""
         session.clients.pop(secret, None)
         session.choices.pop(getattr(request, "session_hash", None) or secret, None)
+        sent.forget(request)
         return ("", "", "Signed out; sign in with an API token", SIGNED_OUT, gr.update(value=""),
                 gr.update(choices=[], value=None), "<p>Sign in with an API token.</p>")
 
@@ -115,6 +162,10 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         return (*signed, gr.update(), gr.update())
 
     def refresh_live(secret: str, statuses: list[str] | None, text: str | None, page: int,
+                     request: gr.Request) -> tuple[Any, ...]:
+        return sent.changed("live", request, live_outputs(secret, statuses, text, page, request))
+
+    def live_outputs(secret: str, statuses: list[str] | None, text: str | None, page: int,
                      request: gr.Request) -> tuple[Any, ...]:
         try:
             found = list(islice(session.client(secret).list(status=statuses or None, text=text or None, limit=500),
@@ -134,7 +185,11 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
     def turn(page: int, step: int) -> int:
         return max(0, page + step)  # the refresh clamps it to the last page
 
-    def refresh_detail(secret: str, role: str, eval_id: str | None, level: str, grep: str) -> tuple[Any, ...]:
+    def refresh_detail(secret: str, role: str, eval_id: str | None, level: str, grep: str,
+                       request: gr.Request) -> tuple[Any, ...]:
+        return sent.changed("detail", request, detail_outputs(secret, role, eval_id, level, grep))
+
+    def detail_outputs(secret: str, role: str, eval_id: str | None, level: str, grep: str) -> tuple[Any, ...]:
         if not secret or not eval_id:
             return "", "", None, "", "", gr.update(visible=False), "", None, None, None, ""
         c = session.client(secret)
@@ -171,12 +226,12 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             msg = f"Not stopped: {exc.message}"
         return msg, gr.update(visible=False), gr.update(visible=False)
 
-    def refresh_safety(secret: str, role: str) -> tuple[Any, ...]:
+    def refresh_safety(secret: str, role: str, request: gr.Request) -> tuple[Any, ...]:
         try:
             found = session.client(secret).recent_incidents(100) if secret else []
         except ProctorError as exc:
-            return f"<p>{_e(exc.message)}</p>", gr.update(visible=False)
-        return incidents_html(found, link=True), gr.update(visible=role == "admin")
+            return sent.changed("safety", request, (f"<p>{_e(exc.message)}</p>", gr.update(visible=False)))
+        return sent.changed("safety", request, (incidents_html(found, link=True), gr.update(visible=role == "admin")))
 
     def stop_everything(secret: str) -> tuple[Any, ...]:
         try:
@@ -186,18 +241,19 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             msg = f"Not stopped: {exc.message}"
         return msg, gr.update(visible=False), gr.update(visible=False)
 
-    def refresh_cluster(secret: str) -> str:
+    def refresh_cluster(secret: str, request: gr.Request) -> Any:
         try:
-            return cluster_html(session.client(secret).cluster(), ray_dashboard) if secret else ""
+            shown = cluster_html(session.client(secret).cluster(), ray_dashboard) if secret else ""
         except ProctorError as exc:
-            return f"<p>{_e(exc.message)}</p>"
+            shown = f"<p>{_e(exc.message)}</p>"
+        return sent.changed("cluster", request, (shown,))[0]
 
-    def refresh_history(secret: str, text: str | None) -> tuple[Any, ...]:
+    def refresh_history(secret: str, text: str | None, request: gr.Request) -> tuple[Any, ...]:
         try:
             found = list(islice(session.client(secret).list(text=text or None, limit=500), MAX_LISTED)) if secret else []
         except ProctorError:
             found = []
-        return history_frames(found)
+        return sent.changed("history", request, tuple(history_frames(found)))
 
     def show(*_: Any) -> tuple[Any, ...]:
         return gr.update(visible=True), gr.update(visible=True)
