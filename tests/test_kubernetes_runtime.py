@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,30 @@ def test_api_errors_are_retried_with_backoff(runtime: Any, double: Any, workspac
     assert asyncio.run(run_to_end(runtime, request(workspace, REPORT + "report(up=True)\n"))).reason in (
         "exited", "killed")
     assert double.count("POST", "/pods") == before + 3
+
+
+def test_one_watch_follows_every_starting_pod(runtime: Any, workspace: Path) -> None:
+    async def go() -> list[str]:
+        sandboxes = await asyncio.gather(*(runtime.launch(request(workspace)) for _ in range(4)))
+        try:
+            for sandbox in sandboxes:
+                assert (await first_event(sandbox)).message == '{"up": true}'
+            return [t.name for t in threading.enumerate()]
+        finally:
+            for sandbox in sandboxes:
+                await sandbox.kill()
+                await sandbox.cleanup()
+
+    threads = asyncio.run(go())
+    assert threads.count("proctor-pod-informer") == 1  # one list + watch for all four, not one each
+    assert not [name for name in threads if name.startswith("proctor-watch")]
+
+
+@needs_double
+def test_the_pod_watch_recovers_when_listing_fails(runtime: Any, double: Any, workspace: Path) -> None:
+    double.fail_next(2, 503, "GET", f"/namespaces/{runtime.api.namespace}/pods")  # the informer's first lists
+    assert asyncio.run(run_to_end(runtime, request(workspace, REPORT + "report(up=True)\n"))).reason in (
+        "exited", "killed")
 
 
 @needs_double

@@ -8,9 +8,10 @@ a configuration that cannot be loaded becomes `RuntimeUnavailable`. 429, 5xx and
 backoff (a 429's Retry-After honoured) on the event loop's clock, `RetryPolicy.attempts`
 times at most; the client's own urllib3 retries are off so that the bound is ours.
 
-`PodWatch` follows one pod (a watch with `fieldSelector=metadata.name=...` on a thread,
-resumed from the last resourceVersion; polling when watching fails) and hands each
-version of it to the event loop.
+`PodInformer` watches every pod of the platform instance on one thread (list, then watch,
+resumed from the last resourceVersion; polling the followed pods when watching fails),
+keeps each pod's latest status, and hands every version of a followed pod to the event
+loop.
 """
 
 from __future__ import annotations
@@ -188,78 +189,150 @@ class KubeApi:
             raise
 
 
-GONE = None  # what a PodWatch hands over once its pod no longer exists
+GONE = None  # what a follower is handed once its pod no longer exists
 
 
-class PodWatch:
-    """Every new version of one pod, on `queue` (the pod's JSON, `GONE`, or a `SandboxError`)."""
+class Follower:
+    """One pod's versions, as `PodInformer.follow` hands them: the pod's JSON, `GONE`, or a
+    `SandboxError`, on `queue` (in the event loop that asked)."""
 
-    watch_s = 30  # one watch request lasts this long, then resumes from its resourceVersion
-    poll_s = 1.0
-
-    def __init__(self, api: KubeApi, name: str):
-        self.api = api
+    def __init__(self, informer: "PodInformer", name: str):
+        self.informer = informer
         self.name = name
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
-        self._stop = threading.Event()
-        self._resp: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"proctor-watch-{name}", daemon=True)
 
-    def start(self) -> "PodWatch":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        resp = self._resp
-        if resp is not None:  # unblock the thread's read at once
-            try:
-                resp.shutdown()
-            except Exception:
-                pass
-
-    def _hand(self, item: Any) -> None:
+    def hand(self, item: Any) -> None:
         try:
             self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
-            self._stop.set()
+            self.informer.unfollow(self)
+
+    def stop(self) -> None:
+        self.informer.unfollow(self)
+
+
+class PodInformer:
+    """One watch of every pod of this platform instance (`selector`), for the whole runtime,
+    instead of one per starting pod: a list, then a watch from its resourceVersion, resumed
+    every `watch_s` (relisted after a 410), on one thread. It keeps the latest status of
+    each pod, so that whoever follows a pod gets its current version at once and every
+    later one in order. When the API refuses to list or watch, it reads the followed pods
+    every `poll_s` instead; a refusal that reading meets too is handed to their followers."""
+
+    watch_s = 30
+    poll_s = 1.0
+
+    def __init__(self, api: "KubeApi", selector: str):
+        self.api = api
+        self.selector = selector
+        self._lock = threading.Lock()
+        self._pods: dict[str, dict[str, Any]] = {}  # name -> its latest version (status, no spec)
+        self._synced = False  # listed since the (re)start: `_pods` is the whole truth
+        self._followers: dict[str, list[Follower]] = {}
+        self._stop = threading.Event()
+        self._resp: Any = None
+        self._thread: threading.Thread | None = None
+
+    def follow(self, name: str) -> Follower:
+        """Follow pod `name` (call it from the event loop, after creating the pod)."""
+        f = Follower(self, name)
+        with self._lock:
+            self._followers.setdefault(name, []).append(f)
+            if self._synced and name in self._pods:
+                f.hand(self._pods[name])
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name="proctor-pod-informer", daemon=True)
+                self._thread.start()
+        return f
+
+    def unfollow(self, f: Follower) -> None:
+        with self._lock:
+            found = self._followers.get(f.name, [])
+            if f in found:
+                found.remove(f)
+            if not found:
+                self._followers.pop(f.name, None)
+
+    def close(self) -> None:
+        """Stop after the current watch request (at most `watch_s`; the thread is a daemon)."""
+        self._stop.set()
+
+    # ------------------------------------------------------------ the thread
+
+    def _update(self, name: str, pod: dict[str, Any] | None) -> None:
+        with self._lock:
+            if pod is None:
+                self._pods.pop(name, None)
+            else:
+                self._pods[name] = pod
+            followers = list(self._followers.get(name, []))
+        for f in followers:
+            f.hand(pod)
 
     def _run(self) -> None:
-        try:
-            self._watch()
-        except Exception:  # watching is not allowed or broke: read the pod every second instead
-            if not self._stop.is_set():
-                self._poll()
+        pause = self.api.retry.first_s
+        while not self._stop.is_set():
+            try:
+                self._watch()
+                return
+            except ApiException as exc:
+                if exc.status not in RETRIED:  # not allowed to list or watch: read the followed pods instead
+                    break
+            except Exception:  # noqa: BLE001 - the API server is away, or the stream broke: list and watch again
+                pass
+            if self._stop.wait(pause):
+                return
+            pause = min(pause * 2, self.api.retry.max_s)
+        with self._lock:
+            self._synced = False
+        if not self._stop.is_set():
+            self._poll()
+
+    def _relist(self) -> str:
+        found = _json(self.api.core.list_namespaced_pod(
+            self.api.namespace, label_selector=self.selector, _preload_content=False,
+            _request_timeout=(self.api.retry.connect_s, self.api.retry.read_s)))
+        pods = {p["metadata"]["name"]: _brief(p) for p in found.get("items") or []}
+        with self._lock:
+            gone = [n for n in self._pods if n not in pods]
+            changed = [n for n, p in pods.items() if self._pods.get(n) != p]
+            was_synced, self._synced = self._synced, True
+            self._pods.update(pods)
+            for n in gone:
+                del self._pods[n]
+            waiting = {n: list(fs) for n, fs in self._followers.items()}
+        for name, followers in waiting.items():
+            if name in changed or (not was_synced and name in pods) or name in gone:
+                for f in followers:
+                    f.hand(pods.get(name, GONE))
+        return str((found.get("metadata") or {}).get("resourceVersion") or "")
 
     def _watch(self) -> None:
         version = None
         while not self._stop.is_set():
             if version is None:
-                pod = self.api.get_pod_now(self.name)
-                self._hand(pod)
-                if pod is None:
-                    return
-                version = pod["metadata"]["resourceVersion"]
+                version = self._relist()
             self._resp = self.api.core.list_namespaced_pod(
-                self.api.namespace, field_selector=f"metadata.name={self.name}", watch=True,
-                resource_version=version, timeout_seconds=self.watch_s, allow_watch_bookmarks=True,
-                _preload_content=False, _request_timeout=(self.api.retry.connect_s, self.watch_s + 10))
+                self.api.namespace, label_selector=self.selector, watch=True, resource_version=version,
+                timeout_seconds=self.watch_s, allow_watch_bookmarks=True, _preload_content=False,
+                _request_timeout=(self.api.retry.connect_s, self.watch_s + 10))
             try:
                 for line in _lines(self._resp):
                     event = json.loads(line)
                     obj = event.get("object") or {}
                     if event.get("type") == "ERROR":
-                        if obj.get("code") == 410:  # too old: read it again and watch from there
+                        if obj.get("code") == 410:  # too old: list again and watch from there
                             version = None
                             break
-                        raise SandboxError(f"kubernetes API: watch pod/{self.name}: {obj.get('message')}")
-                    version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                        raise SandboxError(f"kubernetes API: watch pods: {obj.get('message')}")
+                    meta = obj.get("metadata") or {}
+                    version = meta.get("resourceVersion") or version
                     if event.get("type") in ("ADDED", "MODIFIED"):
-                        self._hand(obj)
+                        self._update(meta["name"], _brief(obj))
                     elif event.get("type") == "DELETED":
-                        self._hand(GONE)
-                        return
+                        self._update(meta["name"], GONE)
                     if self._stop.is_set():
                         return
             finally:
@@ -267,25 +340,38 @@ class PodWatch:
                 resp.release_conn()
 
     def _poll(self) -> None:
-        failures = 0
+        failures: dict[str, int] = {}
         while not self._stop.wait(self.poll_s):
-            try:
-                pod = self.api.get_pod_now(self.name)
-            except ApiException as exc:
-                if exc.status not in RETRIED:
-                    self._hand(api_error(exc, f"read pod/{self.name}"))
-                    return
-                failures += 1
-            except (urllib3.exceptions.HTTPError, OSError):
-                failures += 1
-            else:
-                failures = 0
-                self._hand(pod)
-                if pod is None:
-                    return
-            if failures >= self.api.retry.attempts:
-                self._hand(SandboxError(f"kubernetes API: read pod/{self.name}: unreachable"))
-                return
+            with self._lock:
+                names = list(self._followers)
+            for name in names:
+                try:
+                    pod = self.api.get_pod_now(name)
+                except ApiException as exc:
+                    if exc.status not in RETRIED:
+                        self._fail(name, api_error(exc, f"read pod/{name}"))
+                        continue
+                    failures[name] = failures.get(name, 0) + 1
+                except (urllib3.exceptions.HTTPError, OSError):
+                    failures[name] = failures.get(name, 0) + 1
+                else:
+                    failures.pop(name, None)
+                    self._update(name, _brief(pod) if pod is not None else GONE)
+                if failures.get(name, 0) >= self.api.retry.attempts:
+                    failures.pop(name, None)
+                    self._fail(name, SandboxError(f"kubernetes API: read pod/{name}: unreachable"))
+
+    def _fail(self, name: str, error: SandboxError) -> None:
+        with self._lock:
+            followers = self._followers.pop(name, [])
+        for f in followers:
+            f.hand(error)
+
+
+def _brief(pod: dict[str, Any]) -> dict[str, Any]:
+    """What is kept of a pod: its metadata (without managedFields) and status."""
+    meta = {k: v for k, v in (pod.get("metadata") or {}).items() if k != "managedFields"}
+    return {"metadata": meta, "status": pod.get("status") or {}}
 
 
 def _lines(resp: Any) -> Any:

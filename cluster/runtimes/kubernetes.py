@@ -2,7 +2,7 @@
 
 Launch: the sandbox's own NetworkPolicy (no ingress; egress only to the spec's
 allowlist), then the pod (`podspec.py`), owned by the platform instance's anchor
-ConfigMap; then its status is followed (`PodWatch`) until the container runs — an
+ConfigMap; then its status is followed (the runtime's one `PodInformer`) until the container runs — an
 unschedulable pod is given `kube_pending_timeout_s`, an image that cannot be pulled or
 a container that cannot be created fails at once, and either way the pod is deleted and
 the launch raises `SandboxError` with the cluster's reason. Then the attach stream opens
@@ -37,7 +37,7 @@ from proctor.podentry import MAX_WORKSPACE_BYTES, WorkspaceError, pack_workspace
 
 from .base import (ExitReason, LaunchRequest, Sandbox, SandboxError, SandboxExit, SandboxRuntime, SandboxStats,
                    StreamSandbox)
-from .kubeapi import RETRIED, Conflict, KubeApi, NotFound, PodWatch, RetryPolicy, load_configuration
+from .kubeapi import RETRIED, Conflict, KubeApi, NotFound, PodInformer, RetryPolicy, load_configuration
 from .podattach import STDERR, STDOUT, PodChannel
 from .podspec import (CONTAINER, SANDBOX, PodSettings, anchor_manifest, deny_all_manifest, pod_manifest, pod_name,
                       policy_manifest, policy_name)
@@ -48,6 +48,7 @@ log = logging.getLogger("proctor.kubernetes")
 ANCHOR_TTL_S = 30.0  # the anchor and the namespace's deny-all policy are checked this often
 METRICS_EVERY_S = 10.0  # metrics-server scrapes every 15 s by default: asking more often is waste
 FINAL_STATE_S = 15.0  # how long the kubelet may take to report a container's end
+UNHEARD_S = 2.0  # a starting pod the informer has not reported by then is read directly
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
@@ -137,14 +138,21 @@ class PodSandbox(StreamSandbox):
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.request.limits.timeout_s
         unschedulable_since: float | None = None
-        watch = PodWatch(self.api, self.pod).start()
+        watch = self.rt.informer.follow(self.pod)
         pod: dict[str, Any] | None = {}
+        followed = loop.time()
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(watch.queue.get(), 1.0)
                 except asyncio.TimeoutError:
-                    pass  # nothing new: look at the clocks again
+                    if pod == {} and loop.time() - followed >= UNHEARD_S:
+                        # the informer has not seen it (still listing, or the pod went before it
+                        # looked): read it once directly
+                        try:
+                            pod = await self.api.get("pods", self.pod)
+                        except NotFound:
+                            pod = None
                 else:
                     if isinstance(item, SandboxError):
                         raise item
@@ -314,6 +322,7 @@ class KubernetesRuntime(SandboxRuntime):
         self.pending_timeout_s: float = settings.kube_pending_timeout_s
         self.metrics_every_s = METRICS_EVERY_S  # how often a sandbox's stats() asks the metrics API
         self.api = KubeApi(load_configuration(settings.kubeconfig), self.pods.namespace, retry)
+        self.informer = PodInformer(self.api, self.pods.selector)  # one watch for every starting pod
         self.active: dict[str, PodSandbox] = {}
         self._anchor: dict[str, Any] | None = None
         self._anchor_at = float("-inf")
@@ -323,6 +332,7 @@ class KubernetesRuntime(SandboxRuntime):
         load_configuration(kubeconfig)
 
     def close(self) -> None:
+        self.informer.close()
         self.api.close()
 
     async def launch(self, request: LaunchRequest) -> Sandbox:
