@@ -253,10 +253,21 @@ def _page(r: httpx.Response) -> tuple[builtins.list[Evaluation], str | None]:
     return [Evaluation.model_validate(e) for e in data["items"]], data.get("next_cursor")
 
 
+PARTIAL_KEY = b"proctor.partial"  # schema metadata of the rows of an evaluation still running
+
+
 def _parquet(r: httpx.Response) -> pyarrow.Table:
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(r.content))
+    table = pq.read_table(io.BytesIO(r.content))
+    if r.headers.get("x-proctor-partial") == "true":
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARTIAL_KEY: b"true"})
+    return table
+
+
+def is_partial(table: pyarrow.Table) -> bool:
+    """Whether `Client.results` read the rows of an evaluation that is still running."""
+    return (table.schema.metadata or {}).get(PARTIAL_KEY) == b"true"
 
 
 def _model(cls: type[BaseModel], key: str | None = None) -> Callable[[httpx.Response], Any]:
@@ -570,7 +581,8 @@ class Client(_Base):
 
     def results(self, eval_id: str) -> pyarrow.Table:
         """Every sample row (schema of `cluster/results.py`); while the evaluation runs,
-        the rows written so far. `NotFoundError` (code `no_results`) until it has written some."""
+        the rows written so far (then `is_partial(table)` is true). `NotFoundError` (code
+        `no_results`) until it has written some."""
         return self._send(_Calls.results(eval_id))
 
     def results_df(self, eval_id: str) -> pandas.DataFrame:

@@ -335,7 +335,12 @@ def _results(client: Client, args: argparse.Namespace) -> int:
     if fmt == "parquet" and not args.output and sys.stdout.isatty():
         print("error: Parquet is binary; write it to a file with -o FILE, or redirect stdout", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from .client import is_partial
+
     table = client.results(args.id)
+    if is_partial(table):  # on stderr: the output stays what was asked for
+        print(f"note: {args.id} is still running; these are the {table.num_rows} rows its shards have "
+              "written so far", file=sys.stderr)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

@@ -14,6 +14,8 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from apiserver import auth, spec, wait_final
+from proctor.cli import main
+from proctor.client import Client, is_partial
 
 pytestmark = pytest.mark.ray
 
@@ -96,7 +98,7 @@ def test_results_as_parquet(api: Any, finished: dict[str, Any]) -> None:
     client.delete(f"/api/v1/evaluations/{queued}", headers=auth(tokens["rita"]))
 
 
-def test_rows_written_so_far_while_it_runs(api: Any) -> None:
+def test_rows_written_so_far_while_it_runs(api: Any, capsys: pytest.CaptureFixture[str]) -> None:
     client, tokens, _ = api
     policy = ("import time\ndef answer(messages, sample, **kw):\n"
               "    if sample['id'] == 'slow':\n        time.sleep(300)\n    return sample['metadata']['answer']\n")
@@ -118,11 +120,19 @@ def test_rows_written_so_far_while_it_runs(api: Any) -> None:
         r = client.get(f"{base}/results.parquet", headers=auth(tokens["rita"]))
         assert r.status_code == 200 and r.headers["x-proctor-partial"] == "true"
         assert sorted(pq.read_table(io.BytesIO(r.content)).column("sample_id").to_pylist()) == ["a", "b"]
+        with Client(str(client.base_url), token=tokens["rita"]) as rita:  # the client and the CLI say so
+            assert is_partial(rita.results(eval_id))
+        assert main(["results", eval_id, "--json", "--url", str(client.base_url), "--token", tokens["rita"]]) == 0
+        out, err = capsys.readouterr()
+        assert sorted(row["sample_id"] for row in json.loads(out)) == ["a", "b"]
+        assert f"note: {eval_id} is still running; these are the 2 rows its shards have written so far" in err
     finally:
         client.delete(base, headers=auth(tokens["rita"]))
     wait_final(client, tokens["rita"], eval_id)
     done = client.get(f"{base}/results", headers=auth(tokens["rita"])).json()
     assert done["partial"] is False and done["status"] == "cancelled"
+    with Client(str(client.base_url), token=tokens["rita"]) as rita:
+        assert not is_partial(rita.results(eval_id))
 
 
 async def _collect(url: str, token: str, stop_after: int | None = None) -> tuple[list[dict[str, Any]], Any]:
