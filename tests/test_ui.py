@@ -157,6 +157,26 @@ def test_finished_evaluation_detail_logs_and_filters(api: Any, dashboard: str, b
     page.close()
 
 
+def test_the_owner_filter_lists_only_that_owners_evaluations(api: Any, dashboard: str, browser: Any) -> None:
+    client, tokens, _ = api
+    ids = {who: client.post("/api/v1/evaluations", json=spec(f"ui-owner-{who}", samples=1),
+                            headers=auth(tokens[who])).json()["id"] for who in ("rita", "rob")}
+    for who, eval_id in ids.items():
+        wait_final(client, tokens[who], eval_id)
+    page = open_as(browser, dashboard, tokens["ada"])  # an admin sees everyone's
+    owner = page.locator("#pr-owner input, #pr-owner textarea").first
+    owner.fill("rob")
+    owner.press("Enter")
+    page.wait_for_function("id => { const rows = [...document.querySelectorAll('#pr-live tbody tr')];"
+                           " return rows.some(r => r.dataset.id === id)"
+                           " && rows.every(r => r.cells[4].innerText === 'rob'); }", arg=ids["rob"], timeout=20_000)
+    assert row(page, ids["rita"]).count() == 0
+    owner.fill("nobody-has-this-name")
+    owner.press("Enter")
+    page.wait_for_selector("#pr-live >> text=no evaluations", timeout=20_000)
+    page.close()
+
+
 def test_safety_stopped_evaluation_shows_its_incident(api: Any, dashboard: str, browser: Any) -> None:
     client, tokens, _ = api
     suite = yaml.safe_load((ROOT / "examples" / "red-team.yaml").read_text())

@@ -161,14 +161,15 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             return (*signed, gr.update(value=wanted), gr.Tabs(selected="detail"))
         return (*signed, gr.update(), gr.update())
 
-    def refresh_live(secret: str, statuses: list[str] | None, text: str | None, page: int,
+    def refresh_live(secret: str, statuses: list[str] | None, text: str | None, owner: str | None, page: int,
                      request: gr.Request) -> tuple[Any, ...]:
-        return sent.changed("live", request, live_outputs(secret, statuses, text, page, request))
+        return sent.changed("live", request, live_outputs(secret, statuses, text, owner, page, request))
 
-    def live_outputs(secret: str, statuses: list[str] | None, text: str | None, page: int,
+    def live_outputs(secret: str, statuses: list[str] | None, text: str | None, owner: str | None, page: int,
                      request: gr.Request) -> tuple[Any, ...]:
         try:
-            found = list(islice(session.client(secret).list(status=statuses or None, text=text or None, limit=500),
+            found = list(islice(session.client(secret).list(status=statuses or None, text=text or None,
+                                                            owner=(owner or "").strip() or None, limit=500),
                                 MAX_LISTED))
         except ProctorError as exc:
             return f"<p>{_e(exc.message)}</p>", gr.update(), page
@@ -276,6 +277,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                 with gr.Row():
                     status_filter = gr.Dropdown(STATUSES, multiselect=True, label="Status", elem_id="pr-status")
                     text_filter = gr.Textbox(label="Search name or model", elem_id="pr-search")
+                    owner_filter = gr.Textbox(label="Owner", elem_id="pr-owner")
                 live = gr.HTML(elem_id="pr-live-html")
                 with gr.Row():
                     newer = gr.Button("◀ Newer", elem_id="pr-newer", size="sm")
@@ -334,7 +336,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         logout.click(sign_out, [token_state], [token_state, role_state, who, kept_token, token_box, pick, live])
         demo.load(opened, [token_state, kept_token], [token_state, role_state, who, pick, tabs])
         page_state = gr.State(0)
-        live_args = ([token_state, status_filter, text_filter, page_state], [live, pick, page_state])
+        live_args = ([token_state, status_filter, text_filter, owner_filter, page_state], [live, pick, page_state])
         detail_args = ([token_state, role_state, pick, level, grep],
                        [detail, logs, samples, incidents, artifacts, stop, shard_table, spec_view, cpu_plot,
                         memory_plot, resources_caption])
@@ -342,7 +344,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         signed.then(refresh_live, *live_args)
         for button, step in ((newer, -1), (older, 1)):
             button.click(lambda p, step=step: turn(p, step), [page_state], [page_state]).then(refresh_live, *live_args)
-        for trigger in (status_filter.change, text_filter.submit):  # a new filter starts at its first page
+        for trigger in (status_filter.change, text_filter.submit, owner_filter.submit):  # a new filter starts at its first page
             trigger(lambda: 0, None, [page_state]).then(refresh_live, *live_args)
         for trigger in (timer.tick, pick.change, level.change, grep.submit):
             trigger(refresh_detail, *detail_args)
