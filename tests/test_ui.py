@@ -197,8 +197,10 @@ def test_safety_stopped_evaluation_shows_its_incident(api: Any, dashboard: str, 
     page.wait_for_selector(f"#pr-detail >> text={eval_id}", timeout=20_000)  # its detail, opened
     page.wait_for_selector("#pr-incidents >> text=rules/fork-bomb", timeout=20_000)
     page.get_by_role("tab", name="Cluster").click()
-    page.wait_for_selector("#pr-cluster-html >> text=GPUs by type", timeout=30_000)
-    assert re.search(r"H100\s+\d+ / 4", page.locator("#pr-cluster-html").inner_text())
+    page.wait_for_selector("#pr-cluster-html >> text=by resource and GPU type", timeout=30_000)
+    assert re.search(r"GPUs H100\s+\d+ / 4", page.locator("#pr-cluster-use").inner_text())
+    cpus = page.locator('#pr-cluster-use tr:has-text("CPUs") .pr-bar')  # a bar drawn to the share in use
+    assert cpus.count() == 1 and re.fullmatch(r"\d+%", cpus.get_attribute("title") or "")
     shot(page, "cluster")
     page.get_by_role("tab", name="History").click()
     shot(page, "history")

@@ -1,5 +1,5 @@
 """What the dashboard draws, from what the API answers (no browser): resource series and
-graphs, the GPU column, history by suite."""
+graphs, the GPU column, the cluster's use, history by suite."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 from serve_app.resources import clean, merge
-from ui.views import PAGE_ROWS, gpus_text, history_frames, live_table, resource_frames
+from ui.views import PAGE_ROWS, cluster_html, gpus_text, history_frames, live_table, resource_frames, use_bar
 
 
 def test_samples_are_cleaned_and_cpu_derived() -> None:
@@ -93,3 +93,16 @@ def test_a_tab_is_sent_only_what_changed_and_everything_now_and_then() -> None:
     sent.forget(tab)  # another handler changed what the tab shows
     assert sent.changed("detail", tab, moved) == moved
     assert sent.changed("live", SimpleNamespace(), moved) == moved  # no tab known: always whole
+
+
+def test_cluster_use_is_drawn_as_bars_per_resource_and_gpu_type() -> None:
+    c = {"cpus": {"total": 8, "free": 2}, "memory": {"total": 16 * 2**30, "free": 16 * 2**30},
+         "gpus": {"A100": {"total": 4, "free": 0}}, "queued_shards": 3, "running_shards": 5,
+         "waiting": {"ev-1/s0": "1 x H100: none in the cluster"}}
+    html = cluster_html(c, "http://ray:8265")
+    assert 'title="75%"' in html and "6 / 8" in html  # CPUs
+    assert 'title="0%"' in html and "0.0 / 16.0" in html  # memory
+    assert 'class="pr-bar pr-full" title="100%"' in html and "GPUs A100" in html and "4 / 4" in html
+    assert "GPUs</td><td colspan=\"2\">none in the cluster" in cluster_html({**c, "gpus": {}}, None)
+    assert "<code>ev-1/s0</code>: 1 x H100: none in the cluster" in html and 'href="http://ray:8265"' in html
+    assert use_bar(1, 0) == '<div class="pr-bar" title="0%"><div style="width:0.0%"></div></div>'

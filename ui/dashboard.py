@@ -38,6 +38,7 @@ CSS = """
 .pr-badge { color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px; white-space: nowrap; }
 .pr-bar { background: #e5e7eb; border-radius: 3px; height: 10px; width: 120px; display: inline-block; }
 .pr-bar > div { background: #0891b2; height: 10px; border-radius: 3px; }
+.pr-bar.pr-full > div { background: #d97706; }
 .pr-scroll { max-height: 640px; overflow-y: auto; }
 .pr-table code, .pr-progress { white-space: nowrap; }
 .pr-scroll tr { content-visibility: auto; contain-intrinsic-size: auto 29px; }

@@ -122,19 +122,29 @@ def shards_html(shards: list[dict[str, Any]]) -> str:
 
 
 def cluster_html(c: dict[str, Any], ray_dashboard: str | None) -> str:
-    gpus = "".join(f"<tr><td>{_e(t)}</td><td>{g['total'] - g['free']:g} / {g['total']:g}</td></tr>"
-                   for t, g in (c.get("gpus") or {}).items()) or "<tr><td colspan=2>none</td></tr>"
-    waiting = "".join(f"<li><code>{_e(k)}</code>: {_e(v)}</li>" for k, v in (c.get("waiting") or {}).items())
     cpus, mem = c.get("cpus", {}), c.get("memory", {})
+    used = [("CPUs", cpus.get("total", 0) - cpus.get("free", 0), cpus.get("total", 0), "{:g}"),
+            ("memory, GiB", (mem.get("total", 0) - mem.get("free", 0)) / 2**30, mem.get("total", 0) / 2**30, "{:.1f}")]
+    used += [(f"GPUs {t}", g["total"] - g["free"], g["total"], "{:g}") for t, g in (c.get("gpus") or {}).items()]
+    rows = "".join(f'<tr><td>{_e(name)}</td><td>{use_bar(n, total)}</td><td>{form.format(n)} / {form.format(total)}</td></tr>'
+                   for name, n, total, form in used)
+    if not c.get("gpus"):
+        rows += '<tr><td>GPUs</td><td colspan="2">none in the cluster</td></tr>'
+    waiting = "".join(f"<li><code>{_e(k)}</code>: {_e(v)}</li>" for k, v in (c.get("waiting") or {}).items())
     link = f'<p><a href="{_e(ray_dashboard)}" target="_blank">Ray dashboard</a></p>' if ray_dashboard else ""
-    return (f'<table class="pr-table" id="pr-cluster"><tbody>'
-            f'<tr><td>CPUs used</td><td>{cpus.get("total", 0) - cpus.get("free", 0):g} / {cpus.get("total", 0):g}</td></tr>'
-            f'<tr><td>memory used</td><td>{(mem.get("total", 0) - mem.get("free", 0)) / 2**30:.1f} / '
-            f'{mem.get("total", 0) / 2**30:.1f} GiB</td></tr>'
-            f'<tr><td>shards queued</td><td>{c.get("queued_shards", 0)}</td></tr>'
-            f'<tr><td>shards running</td><td>{c.get("running_shards", 0)}</td></tr></tbody></table>'
-            f'<h4>GPUs by type (used / total)</h4><table class="pr-table"><tbody>{gpus}</tbody></table>'
+    return (f'<h4>Capacity in use, by resource and GPU type</h4>'
+            f'<table class="pr-table" id="pr-cluster-use"><tbody>{rows}</tbody></table>'
+            f'<h4>Shards</h4><table class="pr-table" id="pr-cluster"><tbody>'
+            f'<tr><td>queued</td><td>{c.get("queued_shards", 0)}</td></tr>'
+            f'<tr><td>running</td><td>{c.get("running_shards", 0)}</td></tr></tbody></table>'
             f'<h4>Waiting</h4><ul>{waiting or "<li>nothing waits</li>"}</ul>{link}')
+
+
+def use_bar(used: float, total: float) -> str:
+    """A bar filled to the share in use (the live table's progress bar, in amber past 90%)."""
+    share = min(1.0, max(0.0, used / total)) if total else 0.0
+    full = " pr-full" if share > 0.9 else ""
+    return f'<div class="pr-bar{full}" title="{share:.0%}"><div style="width:{100 * share:.1f}%"></div></div>'
 
 
 def history_frames(evaluations: list[Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
