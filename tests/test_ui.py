@@ -209,6 +209,8 @@ def test_safety_stopped_evaluation_shows_its_incident(api: Any, dashboard: str, 
     page.get_by_role("tab", name="Live").click()
     page.wait_for_selector("#pr-live-html >> text=sign in with an API token", timeout=20_000)
     assert row(page, eval_id).count() == 0
+    page.wait_for_timeout(2.5 * 2000)  # refreshes while signed out answer quietly: no error pops up
+    assert page.locator('[data-testid="toast-body"]').count() == 0
     page.reload()
     page.wait_for_selector("#pr-who >> text=Sign in with an API token", timeout=20_000)
     page.close()
@@ -218,6 +220,8 @@ def test_stop_needs_confirming_and_a_viewer_has_no_stop_button(api: Any, dashboa
     client, tokens, _ = api
     eval_id = client.post("/api/v1/evaluations", json=slow_spec("ui-stop", 1, 60),
                           headers=auth(tokens["rita"])).json()["id"]
+    other = client.post("/api/v1/evaluations", json=spec("ui-stop-other", samples=1),
+                        headers=auth(tokens["rita"])).json()["id"]
     viewer = open_as(browser, dashboard, tokens["vera"])
     viewer.wait_for_selector(f'#pr-live tr[data-id="{eval_id}"] [data-status="running"]', timeout=60_000)
     pick(viewer, eval_id)
@@ -238,8 +242,14 @@ def test_stop_needs_confirming_and_a_viewer_has_no_stop_button(api: Any, dashboa
     status = client.get(f"/api/v1/evaluations/{eval_id}", headers=auth(tokens["rita"])).json()["status"]
     assert status == "running"
     page.locator("#pr-stop").click()
+    page.wait_for_selector("#pr-confirm", state="visible")
+    pick(page, other)  # another evaluation picked: the confirmation is withdrawn
+    page.wait_for_selector("#pr-confirm", state="hidden", timeout=10_000)
+    pick(page, eval_id)
+    page.locator("#pr-stop").click()
     page.locator("#pr-confirm").click()
-    page.wait_for_selector("#pr-stop-msg >> text=Stopped", timeout=20_000)
+    page.wait_for_selector(f"#pr-stop-msg >> text=Stopped {eval_id}", timeout=20_000)
+    assert wait_final(client, tokens["rita"], other)["status"] == "succeeded"  # only the one confirmed
     final = client.get(f"/api/v1/evaluations/{eval_id}", headers=auth(tokens["rita"])).json()
     assert final["status"] in ("cancelled", "failed") or wait_final(client, tokens["rita"], eval_id)["status"] == "cancelled"
     shot(page, "stopped")
