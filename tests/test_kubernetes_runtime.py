@@ -201,6 +201,50 @@ def test_kill_deletes_the_pod_within_a_second(runtime: Any, workspace: Path) -> 
     assert (exit_.reason, exit_.detail) == ("killed", "test")
 
 
+STUBBORN = REPORT + "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nreport(up=True)\ntime.sleep(120)\n"
+
+
+@needs_double
+def test_kill_returns_only_once_the_container_is_dead(runtime: Any, double: Any, workspace: Path) -> None:
+    """A graceful delete keeps the pod until its kubelet has stopped the container: a
+    sandbox that ignores SIGTERM is dead (SIGKILL at the end of the grace) when kill returns."""
+    async def go() -> tuple[float, list[int], Any]:
+        sandbox = await runtime.launch(request(workspace, STUBBORN))
+        try:
+            await first_event(sandbox)
+            pid = double.kubelet.container(double.namespace, sandbox.pod).proc.pid
+            t0 = time.monotonic()
+            await sandbox.kill("killed", "test")
+            took = time.monotonic() - t0
+            return took, [p for p in double.processes() if p == pid], double.pod(sandbox.pod)
+        finally:
+            await sandbox.cleanup()
+
+    took, running, pod = asyncio.run(go())
+    assert running == [] and pod is None
+    assert 0.9 <= took < 5.0  # it waited out the grace period (1 s) for SIGKILL
+
+
+@needs_double
+def test_a_pod_whose_node_never_confirms_is_deleted_by_force(runtime: Any, double: Any, workspace: Path) -> None:
+    async def go() -> tuple[float, Any, Any]:
+        sandbox = await runtime.launch(request(workspace))
+        try:
+            await first_event(sandbox)
+            double.kubelet.unresponsive = True  # the node is away: a graceful delete never completes
+            t0 = time.monotonic()
+            await sandbox.kill("killed", "test")
+            return time.monotonic() - t0, double.pod(sandbox.pod), await sandbox.wait()
+        finally:
+            double.kubelet.unresponsive = False
+            await sandbox.cleanup()
+
+    runtime.kill_confirm_s = 1.5
+    took, pod, exit_ = asyncio.run(go())
+    assert pod is None and 1.4 <= took < 5.0  # waited for the kubelet, then forced
+    assert (exit_.reason, exit_.detail) == ("killed", "test")
+
+
 def test_the_wall_clock_deadline_ends_the_pod(runtime: Any, workspace: Path) -> None:
     async def go() -> Any:
         sandbox = await runtime.launch(request(workspace, timeout_s=1.5))
@@ -315,6 +359,25 @@ def test_the_pod_watch_recovers_when_listing_fails(runtime: Any, double: Any, wo
     double.fail_next(2, 503, "GET", f"/namespaces/{runtime.api.namespace}/pods")  # the informer's first lists
     assert asyncio.run(run_to_end(runtime, request(workspace, REPORT + "report(up=True)\n"))).reason in (
         "exited", "killed")
+
+
+@needs_double
+def test_the_pod_watch_comes_back_after_a_refusal(runtime: Any, double: Any, workspace: Path) -> None:
+    """Refused to list (403: RBAC still spreading at deploy time), the informer reads the
+    followed pods one by one, and tries listing and watching again every `rewatch_s`."""
+    pods = f"/api/v1/namespaces/{runtime.api.namespace}/pods"
+    def lists() -> int:
+        return sum(1 for method, path, _ in list(double.requests) if method == "GET" and path == pods)
+
+    before = lists()
+    double.fail_next(2, 403, "GET", pods, whole_path=True)
+    runtime.informer.rewatch_s = 0.5
+    assert asyncio.run(run_to_end(runtime, request(workspace, REPORT + "report(up=True)\n"))).reason in (
+        "exited", "killed")
+    deadline = time.monotonic() + 5
+    while lists() - before < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lists() - before >= 3  # refused twice, then listed (and watched) again
 
 
 @needs_double

@@ -21,6 +21,7 @@ import functools
 import json
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,10 +219,13 @@ class PodInformer:
     every `watch_s` (relisted after a 410), on one thread. It keeps the latest status of
     each pod, so that whoever follows a pod gets its current version at once and every
     later one in order. When the API refuses to list or watch, it reads the followed pods
-    every `poll_s` instead; a refusal that reading meets too is handed to their followers."""
+    every `poll_s` instead, and tries watching again every `rewatch_s` (a refusal may pass:
+    RBAC still spreading at deploy time); a refusal that reading meets too is handed to
+    their followers."""
 
     watch_s = 30
     poll_s = 1.0
+    rewatch_s = 60.0
 
     def __init__(self, api: "KubeApi", selector: str):
         self.api = api
@@ -278,17 +282,17 @@ class PodInformer:
                 self._watch()
                 return
             except ApiException as exc:
-                if exc.status not in RETRIED:  # not allowed to list or watch: read the followed pods instead
-                    break
+                if exc.status not in RETRIED:  # not allowed to list or watch: read the followed pods meanwhile
+                    with self._lock:
+                        self._synced = False
+                    self._poll(self.rewatch_s)
+                    pause = self.api.retry.first_s
+                    continue
             except Exception:  # noqa: BLE001 - the API server is away, or the stream broke: list and watch again
                 pass
             if self._stop.wait(pause):
                 return
             pause = min(pause * 2, self.api.retry.max_s)
-        with self._lock:
-            self._synced = False
-        if not self._stop.is_set():
-            self._poll()
 
     def _relist(self) -> str:
         found = _json(self.api.core.list_namespaced_pod(
@@ -337,11 +341,13 @@ class PodInformer:
                         return
             finally:
                 resp, self._resp = self._resp, None
+                resp.close()  # left early (a 410, a stop) it holds unread data: never back to the pool
                 resp.release_conn()
 
-    def _poll(self) -> None:
+    def _poll(self, for_s: float) -> None:
         failures: dict[str, int] = {}
-        while not self._stop.wait(self.poll_s):
+        until = time.monotonic() + for_s
+        while time.monotonic() < until and not self._stop.wait(self.poll_s):
             with self._lock:
                 names = list(self._followers)
             for name in names:

@@ -9,7 +9,11 @@ the launch raises `SandboxError` with the cluster's reason. Then the attach stre
 (`podattach.py`) and the workspace goes first on it (`proctor.podentry`), followed by
 the runner protocol: events from stdout, messages to stdin, like any local sandbox.
 
-`kill()` deletes the pod with no grace period and drops the stream; `wait()` reads how
+`kill()` deletes the pod with a grace period of `KILL_GRACE_S` and returns once it is gone:
+the API server keeps a gracefully deleted pod until its kubelet has stopped the container
+(SIGTERM, SIGKILL when the grace ends), so gone means dead; a forced delete (no grace)
+would remove the object at once while the container still ran. A pod its node never
+confirms (the node is away) is deleted by force after `KILL_CONFIRM_S`. `wait()` reads how
 the container ended (OOMKilled → oom, evicted → killed, DeadlineExceeded → deadline);
 `cleanup()` deletes the pod and its policy, tolerating what is already gone. Pods are
 never restarted. `reconcile()` deletes the pods of this platform instance that no live
@@ -37,7 +41,7 @@ from proctor.podentry import MAX_WORKSPACE_BYTES, WorkspaceError, pack_workspace
 
 from .base import (ExitReason, LaunchRequest, Sandbox, SandboxError, SandboxExit, SandboxRuntime, SandboxStats,
                    StreamSandbox)
-from .kubeapi import RETRIED, Conflict, KubeApi, NotFound, PodInformer, RetryPolicy, load_configuration
+from .kubeapi import GONE, RETRIED, Conflict, KubeApi, NotFound, PodInformer, RetryPolicy, load_configuration
 from .podattach import STDERR, STDOUT, PodChannel
 from .podspec import (CONTAINER, SANDBOX, PodSettings, anchor_manifest, deny_all_manifest, pod_manifest, pod_name,
                       policy_manifest, policy_name)
@@ -49,6 +53,8 @@ ANCHOR_TTL_S = 30.0  # the anchor and the namespace's deny-all policy are checke
 METRICS_EVERY_S = 10.0  # metrics-server scrapes every 15 s by default: asking more often is waste
 FINAL_STATE_S = 15.0  # how long the kubelet may take to report a container's end
 UNHEARD_S = 2.0  # a starting pod the informer has not reported by then is read directly
+KILL_GRACE_S = 1  # SIGTERM, then SIGKILL a second later (kubelets may round it up to 2 s)
+KILL_CONFIRM_S = 15.0  # a deleted pod still there by then (its node is away) is deleted by force
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
@@ -241,7 +247,7 @@ class PodSandbox(StreamSandbox):
         if not self._made["pod"]:
             return
         if self._deleting is None:
-            self._deleting = asyncio.ensure_future(self.api.delete("pods", self.pod, grace_s=0))
+            self._deleting = asyncio.ensure_future(self._delete_pod())
             if self.channel is not None:  # the pod's end closes it too; do not wait for that
                 self._closing = asyncio.ensure_future(self.channel.close())
         try:
@@ -249,6 +255,38 @@ class PodSandbox(StreamSandbox):
         except SandboxError as exc:
             log.error("sandbox %s: could not delete pod %s: %s", self.id, self.pod, exc)
             self._deleting = None  # the next kill or cleanup tries again
+
+    async def _delete_pod(self) -> bool:
+        """Delete the pod and return once it no longer exists (its container has stopped);
+        False if it was gone already. Raises `SandboxError` if the API refuses the delete."""
+        watch = self.rt.informer.follow(self.pod)
+        try:
+            if not await self.api.delete("pods", self.pod, grace_s=KILL_GRACE_S):
+                return False
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + self.rt.kill_confirm_s
+            asked = loop.time()
+            while loop.time() < give_up:
+                try:
+                    item = await asyncio.wait_for(watch.queue.get(), min(0.5, max(0.01, give_up - loop.time())))
+                except asyncio.TimeoutError:
+                    item = {}
+                if item is GONE:
+                    return True
+                if loop.time() - asked >= UNHEARD_S:  # the informer may not know it: ask directly
+                    asked = loop.time()
+                    try:
+                        await self.api.get("pods", self.pod, attempts=1)
+                    except NotFound:
+                        return True
+                    except SandboxError:
+                        pass
+            log.error("sandbox %s: pod %s was not confirmed stopped within %gs (its node may be away): "
+                      "deleting it by force", self.id, self.pod, self.rt.kill_confirm_s)
+            await self.api.delete("pods", self.pod, grace_s=0)
+            return True
+        finally:
+            watch.stop()
 
     async def wait(self) -> SandboxExit:
         if self._exit is not None:
@@ -302,14 +340,15 @@ class PodSandbox(StreamSandbox):
             await asyncio.gather(self._closing, return_exceptions=True)
         try:
             if self._made["pod"] and self._deleting is None:
-                await self.api.delete("pods", self.pod, grace_s=0)
+                await self._delete_pod()
             if self._made["policy"]:
                 await self.api.delete("networkpolicies", self.policy)
-        except SandboxError as exc:  # reconciliation deletes it later; a second cleanup tries again
+        except SandboxError as exc:  # a second cleanup tries again; else reconciliation deletes it
             log.warning("sandbox %s: cleanup incomplete: %s", self.id, exc)
-            return
-        self._removed = True
-        self.rt.active.pop(self.id, None)
+        else:
+            self._removed = True
+        finally:
+            self.rt.active.pop(self.id, None)  # no longer live: what is left is an orphan to reconcile
 
 
 class KubernetesRuntime(SandboxRuntime):
@@ -321,6 +360,7 @@ class KubernetesRuntime(SandboxRuntime):
         self.pods = PodSettings.of(settings)
         self.pending_timeout_s: float = settings.kube_pending_timeout_s
         self.metrics_every_s = METRICS_EVERY_S  # how often a sandbox's stats() asks the metrics API
+        self.kill_confirm_s = KILL_CONFIRM_S
         self.api = KubeApi(load_configuration(settings.kubeconfig), self.pods.namespace, retry)
         self.informer = PodInformer(self.api, self.pods.selector)  # one watch for every starting pod
         self.active: dict[str, PodSandbox] = {}
@@ -385,7 +425,7 @@ class KubernetesRuntime(SandboxRuntime):
         for pod in pods:
             sid = _sandbox_of(pod)
             if sid is not None and sid not in keep:
-                await self.api.delete("pods", pod["metadata"]["name"], grace_s=0)
+                await self.api.delete("pods", pod["metadata"]["name"], grace_s=KILL_GRACE_S)
                 deleted.append(sid)
         for policy in policies:
             sid = _sandbox_of(policy)

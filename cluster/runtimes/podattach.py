@@ -69,6 +69,7 @@ class PodChannel:
     def __init__(self, ws: ClientConnection):
         self.ws = ws
         self.status: dict[str, Any] | None = None
+        self._writing = asyncio.Lock()  # a line goes in several messages: one writer at a time
 
     @classmethod
     async def open(cls, cfg: client.Configuration, namespace: str, pod: str, container: str,
@@ -99,11 +100,12 @@ class PodChannel:
 
     async def write(self, data: bytes) -> bool:
         """Send `data` to the pod's stdin; False once the stream is closed."""
-        try:
-            for i in range(0, max(len(data), 1), FRAME_BYTES):
-                await self.ws.send(bytes([STDIN]) + data[i:i + FRAME_BYTES])
-        except ConnectionClosed:
-            return False
+        async with self._writing:
+            try:
+                for i in range(0, max(len(data), 1), FRAME_BYTES):
+                    await self.ws.send(bytes([STDIN]) + data[i:i + FRAME_BYTES])
+            except ConnectionClosed:
+                return False
         return True
 
     async def frames(self) -> AsyncIterator[tuple[int, bytes]]:

@@ -7,7 +7,8 @@ Pure functions of a `LaunchRequest` and a `PodSettings`; `kubernetes.py` sends t
   (65534) with RuntimeDefault seccomp, a read-only root, no privilege escalation, every
   capability dropped; requests equal to limits for CPU, memory, ephemeral storage and
   `nvidia.com/gpu`; GPU nodes chosen by node affinity on the GPU-model label and their
-  `nvidia.com/gpu` taint tolerated; `activeDeadlineSeconds` from the timeout;
+  `nvidia.com/gpu` taint tolerated; `activeDeadlineSeconds` as a backstop (see
+  `active_deadline_s`);
   `restartPolicy: Never`; a writable emptyDir at /workspace (sizeLimit: the disk limit)
   and a small memory-backed /tmp; stdin attached once, no TTY.
 - Ownership: labels for listing (managed-by, instance, eval, shard, sandbox) and an
@@ -102,6 +103,14 @@ def label_value(text: str) -> str:
         return safe
     digest = hashlib.sha1(text.encode()).hexdigest()[:8]
     return f"{safe[:54].rstrip('-_.')}-{digest}".lstrip("-_.")
+
+
+def active_deadline_s(timeout_s: float) -> int:
+    """The pod's `activeDeadlineSeconds`: a backstop for a pod whose supervisor is gone, not
+    the shard's deadline. It counts from the pod's start on its node, before the image is
+    pulled, and the runtime gives a pod up to `timeout_s` to start and then `timeout_s` to
+    run (its own deadline ends it, as `deadline`); so twice the timeout and a minute."""
+    return 2 * max(1, math.ceil(timeout_s)) + 60
 
 
 def pod_name(sandbox_id: str) -> str:
@@ -231,7 +240,7 @@ def pod_manifest(request: LaunchRequest, settings: PodSettings, anchor: dict[str
             "hostNetwork": False,
             "hostPID": False,
             "hostIPC": False,
-            "activeDeadlineSeconds": max(1, math.ceil(lim.timeout_s)),
+            "activeDeadlineSeconds": active_deadline_s(lim.timeout_s),
             "terminationGracePeriodSeconds": 5,
             "securityContext": {**non_root, **runtime_default, "fsGroup": SANDBOX_USER},
             **gpu_placement(request, settings),

@@ -71,6 +71,13 @@ def end_state(pod: dict[str, Any]) -> tuple[int | None, ExitReason, str] | None:
         return code, "killed", f"evicted: {message or 'by the kubelet'}"
     if why == "DeadlineExceeded":
         return code, "deadline", f"activeDeadlineSeconds reached: {message or 'the pod ran too long'}"
+    disrupted = next((c for c in status.get("conditions") or []
+                      if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None)
+    if disrupted is not None and (term or phase in ("Succeeded", "Failed")):  # preempted, drained, tainted out
+        return code, "killed", (f"disrupted: {disrupted.get('reason') or 'by the cluster'}: "
+                                f"{disrupted.get('message') or ''}").rstrip(": ")
+    if (pod.get("metadata") or {}).get("deletionTimestamp") and (term or phase in ("Succeeded", "Failed")):
+        return code, "killed", "the pod was deleted outside Proctor"
     if term:
         if term.get("reason") == "OOMKilled":
             return code, "oom", "OOMKilled: the container reached its memory limit"

@@ -105,8 +105,9 @@ class KubeApiDouble:
     def fail_image(self, image: str) -> None:
         self.kubelet.failing_images.add(image)
 
-    def fail_next(self, n: int, status: int, method: str | None = None, path_contains: str = "") -> None:
-        self.faults.fail_next(n, status, method, path_contains)
+    def fail_next(self, n: int, status: int, method: str | None = None, path_contains: str = "",
+                  whole_path: bool = False) -> None:
+        self.faults.fail_next(n, status, method, path_contains, whole_path)
 
     # ------------------------------------------------------------ the end
 

@@ -13,7 +13,9 @@ dropped, as a real attach would never see it. It is NOT isolated: trusted test t
 only. The memory limit is the cgroup's (the kernel's OOM kill → OOMKilled; without
 cgroups, the process tree's RSS is polled instead), `activeDeadlineSeconds` is enforced
 (DeadlineExceeded), and the kubelet can be told to evict a pod, OOM-kill it or fail
-pulling an image.
+pulling an image. A gracefully deleted pod's container gets SIGTERM, SIGKILL after the
+grace period, and the pod leaves the store once it has ended; an `unresponsive` kubelet
+(its node gone) never confirms, so such pods stay until deleted by force.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from kubernetes.utils import parse_quantity
 
 from cluster.runtimes.cgroups import CgroupSet
 
-from .store import Store, now_iso
+from .store import ApiError, Store, now_iso
 
 GPU = "nvidia.com/gpu"
 
@@ -95,6 +97,7 @@ class Container:
     message: str = ""
     pumps: list[threading.Thread] = field(default_factory=list)
     stdin_closed: bool = False
+    terminating: bool = False  # deleted gracefully: removed from the store once it has ended
     cgroup: CgroupSet | None = None
     scraped: tuple[float, float] | None = None  # (monotonic time, CPU seconds) at the last metrics scrape
 
@@ -113,6 +116,8 @@ class Kubelet:
         self.lock = threading.RLock()
         self.stopped = threading.Event()
         store.on_delete.append(self._deleted)
+        store.on_terminating.append(self._terminating)
+        self.unresponsive = False  # a node that no longer answers: deleted pods are never confirmed gone
         self.thread = threading.Thread(target=self._loop, name="kubeapi-kubelet", daemon=True)
         self.thread.start()
 
@@ -137,6 +142,10 @@ class Kubelet:
         if pod["spec"].get("nodeName") is None:
             self._schedule(ns, name, pod)
         elif status.get("phase") == "Pending" and (ns, name) not in self.containers:
+            if pod["metadata"].get("deletionTimestamp"):  # deleted before it started
+                if not self.unresponsive:
+                    self._remove(ns, name)
+                return
             self._start(ns, name, pod)
         with self.lock:
             c = self.containers.get((ns, name))
@@ -296,6 +305,35 @@ class Kubelet:
             self.containers.pop((ns, name), None)
             self.bound.pop((ns, name), None)
         shutil.rmtree(c.root, ignore_errors=True)
+        if c.terminating:  # the kubelet's last word on a gracefully deleted pod
+            self._remove(ns, name)
+
+    def _terminating(self, ns: str, name: str, grace_s: int) -> None:
+        """A graceful delete: SIGTERM now, SIGKILL once `grace_s` has passed (as the kubelet
+        does), and the pod goes from the store when its container has ended."""
+        if self.unresponsive:
+            return
+        with self.lock:
+            c = self.containers.get((ns, name))
+            if c is not None:
+                c.terminating = True
+        if c is None or c.ended is not None or c.proc.poll() is not None:
+            if c is None:  # nothing runs (still pulling, or already reaped)
+                self._remove(ns, name)
+            return
+        try:
+            os.killpg(c.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        timer = threading.Timer(grace_s, self.terminate, (ns, name, "Deleted"))
+        timer.daemon = True
+        timer.start()
+
+    def _remove(self, ns: str, name: str) -> None:
+        try:
+            self.store.delete("pods", ns, name, 0)
+        except ApiError:  # already gone
+            pass
 
     def terminate(self, ns: str, name: str, why: str, message: str = "") -> bool:
         """Kill the pod's container as the kubelet would for `why` (OOMKilled, Evicted,

@@ -37,14 +37,16 @@ class Faults:
         self.lock = threading.Lock()
         self.rules: list[dict[str, Any]] = []
 
-    def fail_next(self, n: int, status: int, method: str | None = None, path_contains: str = "") -> None:
+    def fail_next(self, n: int, status: int, method: str | None = None, path_contains: str = "",
+                  whole_path: bool = False) -> None:
         with self.lock:
-            self.rules.append({"n": n, "status": status, "method": method, "path": path_contains})
+            self.rules.append({"n": n, "status": status, "method": method, "path": path_contains, "whole": whole_path})
 
     def take(self, method: str, path: str) -> int | None:
         with self.lock:
             for rule in self.rules:
-                if rule["n"] > 0 and rule["method"] in (None, method) and rule["path"] in path:
+                matches = rule["path"] == path if rule["whole"] else rule["path"] in path
+                if rule["n"] > 0 and rule["method"] in (None, method) and matches:
                     rule["n"] -= 1
                     return rule["status"]
         return None
@@ -172,7 +174,10 @@ class ApiHandler(BaseHTTPRequestHandler):
             self._json(200, store.get(kind, ns, name))
             return 200
         if name is not None and method == "DELETE":
-            self._json(200, store.delete(kind, ns, name))
+            grace = query.get("gracePeriodSeconds")
+            if grace is None and isinstance(body, dict):  # or in the DeleteOptions body
+                grace = body.get("gracePeriodSeconds")
+            self._json(200, store.delete(kind, ns, name, int(grace) if grace is not None else None))
             return 200
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported by this double on {path}")
 

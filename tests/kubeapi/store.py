@@ -1,5 +1,11 @@
 """The double's object store: namespaced objects with resourceVersions, selectors, an
-event log that watches read from, and ownerReference garbage collection."""
+event log that watches read from, and ownerReference garbage collection.
+
+Deleting a pod that runs on a node is graceful, as on the real API server: with a grace
+period (the request's `gracePeriodSeconds`, else the pod's
+`terminationGracePeriodSeconds`) the pod stays, marked with `deletionTimestamp`, until
+the kubelet has stopped its container and removes it; with 0 (a forced delete), or for a
+pod that was never placed or has ended, it goes at once."""
 
 from __future__ import annotations
 
@@ -73,6 +79,7 @@ class Store:
         # (resourceVersion, kind, namespace, event type, object)
         self.log: deque[tuple[int, str, str, str, dict[str, Any]]] = deque(maxlen=EVENTS_KEPT)
         self.on_delete: list[Callable[[str, dict[str, Any]], None]] = []
+        self.on_terminating: list[Callable[[str, str, int], None]] = []  # (namespace, pod, grace s)
         self.closed = False
 
     def _emit(self, kind: str, ns: str, type_: str, obj: dict[str, Any]) -> None:
@@ -126,18 +133,35 @@ class Store:
             self._emit(kind, ns, "MODIFIED", obj)
             return copy.deepcopy(obj)
 
-    def delete(self, kind: str, ns: str, name: str) -> dict[str, Any]:
+    def delete(self, kind: str, ns: str, name: str, grace_s: int | None = None) -> dict[str, Any]:
         with self.cond:
-            obj = self.objects.pop((kind, ns, name), None)
+            obj = self.objects.get((kind, ns, name))
             if obj is None:
                 raise not_found(kind, name)
-            obj["metadata"]["deletionTimestamp"] = now_iso()
-            obj["metadata"]["deletionGracePeriodSeconds"] = 0
-            self._bump(obj)
-            self._emit(kind, ns, "DELETED", obj)
-            uid = obj["metadata"]["uid"]
-            dependents = [k for k, o in self.objects.items()
-                          if uid in {r.get("uid") for r in o["metadata"].get("ownerReferences") or []}]
+            grace = self._grace(kind, obj, grace_s)
+            if grace > 0:  # marked; the kubelet stops the container, then removes the pod
+                meta = obj["metadata"]
+                shortened = grace < meta.get("deletionGracePeriodSeconds", grace + 1)
+                if shortened:  # a later delete may only shorten the grace period
+                    meta.setdefault("deletionTimestamp", now_iso())
+                    meta["deletionGracePeriodSeconds"] = grace
+                    self._bump(obj)
+                    self._emit(kind, ns, "MODIFIED", obj)
+                marked = copy.deepcopy(obj)
+            else:
+                del self.objects[(kind, ns, name)]
+                obj["metadata"].setdefault("deletionTimestamp", now_iso())
+                obj["metadata"]["deletionGracePeriodSeconds"] = 0
+                self._bump(obj)
+                self._emit(kind, ns, "DELETED", obj)
+                uid = obj["metadata"]["uid"]
+                dependents = [k for k, o in self.objects.items()
+                              if uid in {r.get("uid") for r in o["metadata"].get("ownerReferences") or []}]
+        if grace > 0:
+            if shortened:
+                for terminating in self.on_terminating:
+                    terminating(ns, name, grace)
+            return marked
         for hook in self.on_delete:
             hook(kind, obj)
         for dep_kind, dep_ns, dep_name in dependents:
@@ -150,6 +174,17 @@ class Store:
                 except ApiError:
                     pass
         return copy.deepcopy(obj)
+
+    @staticmethod
+    def _grace(kind: str, obj: dict[str, Any], grace_s: int | None) -> int:
+        """The grace period a delete gets: 0 (at once) but for a pod placed on a node and not
+        ended, which gets the request's period, else its own (30 s by default)."""
+        if kind != "pods" or not (obj.get("spec") or {}).get("nodeName"):
+            return 0
+        if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return 0
+        own = (obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+        return max(0, int(grace_s if grace_s is not None else own))
 
     def list(self, kind: str, ns: str, labels: str | None, fields: str | None) -> tuple[list[dict[str, Any]], str]:
         with self.cond:

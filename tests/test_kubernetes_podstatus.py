@@ -1,0 +1,47 @@
+"""How a pod's status reads as a sandbox's end (`cluster/runtimes/podstatus.py`), on pod
+statuses shaped as the API server writes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cluster.runtimes.podstatus import end_state
+
+
+def pod(phase: str, terminated: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+    meta = status.pop("metadata", {"name": "proctor-sbx-1"})
+    state = {"terminated": terminated} if terminated else {"running": {"startedAt": "2026-11-27T03:00:00Z"}}
+    return {"metadata": meta, "status": {"phase": phase, **status, "containerStatuses": [
+        {"name": "sandbox", "state": state, "ready": not terminated, "restartCount": 0, "image": "h",
+         "imageID": ""}]}}
+
+
+def disruption(reason: str, message: str) -> dict[str, Any]:
+    return {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": message}
+
+
+@pytest.mark.parametrize("status, expected", [
+    (pod("Running"), None),
+    (pod("Succeeded", {"exitCode": 0, "reason": "Completed"}), (0, "exited", "")),
+    (pod("Failed", {"exitCode": 3, "reason": "Error"}), (3, "exited", "")),
+    (pod("Failed", {"exitCode": 137, "reason": "OOMKilled"}),
+     (137, "oom", "OOMKilled: the container reached its memory limit")),
+    (pod("Failed", {"exitCode": 137, "reason": "Error"}, reason="Evicted", message="The node was low on memory."),
+     (137, "killed", "evicted: The node was low on memory.")),
+    (pod("Failed", {"exitCode": 137, "reason": "Error"}, reason="DeadlineExceeded", message="too long"),
+     (137, "deadline", "activeDeadlineSeconds reached: too long")),
+    (pod("Failed", {"exitCode": 143, "reason": "Error"},
+         conditions=[disruption("PreemptionByScheduler", "a higher-priority pod needed the node")]),
+     (143, "killed", "disrupted: PreemptionByScheduler: a higher-priority pod needed the node")),
+    (pod("Failed", {"exitCode": 143, "reason": "Error"},
+         conditions=[disruption("DeletionByTaintManager", "")]),
+     (143, "killed", "disrupted: DeletionByTaintManager")),
+    (pod("Failed", {"exitCode": 143, "reason": "Error"},
+         metadata={"name": "proctor-sbx-1", "deletionTimestamp": "2026-11-27T03:01:00Z"}),
+     (143, "killed", "the pod was deleted outside Proctor")),
+    (pod("Running", conditions=[disruption("EvictionByEvictionAPI", "drained")]), None),  # not ended yet
+])
+def test_how_a_pod_ended_is_read_from_its_status(status: dict[str, Any], expected: Any) -> None:
+    assert end_state(status) == expected
