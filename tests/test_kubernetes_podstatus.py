@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from cluster.runtimes.podstatus import end_state
+from cluster.runtimes.podstatus import end_state, stuck_reason
 
 
 def pod(phase: str, terminated: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
@@ -45,3 +45,15 @@ def disruption(reason: str, message: str) -> dict[str, Any]:
 ])
 def test_how_a_pod_ended_is_read_from_its_status(status: dict[str, Any], expected: Any) -> None:
     assert end_state(status) == expected
+
+
+def test_a_stuck_pod_is_told_from_one_still_pulling_by_its_events() -> None:
+    def event(reason: str, type_: str = "Warning", at: str = "2026-11-27T03:00:00Z", **kw: Any) -> dict[str, Any]:
+        return {"type": type_, "reason": reason, "message": f"{reason} happened", "lastTimestamp": at, **kw}
+
+    assert stuck_reason([]) is None
+    assert stuck_reason([event("Scheduled", "Normal"), event("Pulling", "Normal")]) is None  # still pulling
+    assert stuck_reason([event("BackOff")]) is None  # not one that never passes by itself
+    assert stuck_reason([event("FailedMount", at="2026-11-27T03:00:01Z"),
+                         event("FailedCreatePodSandBox", at="2026-11-27T03:00:05Z", count=7)]) == \
+        "FailedCreatePodSandBox (7 times): FailedCreatePodSandBox happened"

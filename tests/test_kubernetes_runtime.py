@@ -302,6 +302,19 @@ def test_an_unschedulable_pod_fails_with_the_schedulers_reason_and_is_deleted(ru
 
 
 @needs_double
+def test_a_pod_whose_sandbox_cannot_be_made_fails_with_the_kubelets_reason(runtime: Any, double: Any,
+                                                                          workspace: Path) -> None:
+    double.kubelet.sandbox_error = 'failed to get sandbox runtime: no runtime for "runsc" is configured'
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SandboxError, match=r'could not start: FailedCreatePodSandBox.*no runtime for "runsc"'):
+            asyncio.run(runtime.launch(request(workspace)))  # its timeout is 60 s; the pending timeout 1 s
+    finally:
+        double.kubelet.sandbox_error = None
+    assert time.monotonic() - t0 < 10
+
+
+@needs_double
 def test_a_gpu_pod_lands_on_a_node_of_its_type(runtime: Any, double: Any, workspace: Path) -> None:
     async def go() -> str:
         sandbox = await runtime.launch(request(workspace, gpus=2, gpu_type="A100", cpus=4))

@@ -174,6 +174,12 @@ class KubeApi:
                                 label_selector=label_selector)
         return found.get("items") or []
 
+    async def events_of(self, pod: str) -> list[dict[str, Any]]:
+        """The events about pod `pod` (core/v1), oldest first as the API lists them."""
+        found = await self.call(f"list events of pod/{pod}", self.core.list_namespaced_event, self.namespace,
+                                field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod}")
+        return found.get("items") or []
+
     async def pod_metrics(self, name: str) -> dict[str, Any]:
         """The metrics API's view of a pod (metrics-server); one attempt."""
         return await self.call(f"read metrics of pod/{name}", self.custom.get_namespaced_custom_object,

@@ -4,7 +4,9 @@ Launch: the sandbox's own NetworkPolicy (no ingress; egress only to the spec's
 allowlist), then the pod (`podspec.py`), owned by the platform instance's anchor
 ConfigMap; then its status is followed (the runtime's one `PodInformer`) until the container runs — an
 unschedulable pod is given `kube_pending_timeout_s`, an image that cannot be pulled or
-a container that cannot be created fails at once, and either way the pod is deleted and
+a container that cannot be created fails at once, a placed pod still not running after
+`kube_pending_timeout_s` fails as soon as its events say why (its sandbox or a volume
+cannot be made), and either way the pod is deleted and
 the launch raises `SandboxError` with the cluster's reason. Then the attach stream opens
 (`podattach.py`) and the workspace goes first on it (`proctor.podentry`), followed by
 the runner protocol: events from stdout, messages to stdin, like any local sandbox.
@@ -45,7 +47,7 @@ from .kubeapi import GONE, RETRIED, Conflict, KubeApi, NotFound, PodInformer, Re
 from .podattach import STDERR, STDOUT, PodChannel
 from .podspec import (CONTAINER, SANDBOX, PodSettings, anchor_manifest, deny_all_manifest, pod_manifest, pod_name,
                       policy_manifest, policy_name)
-from .podstatus import end_state, start_state
+from .podstatus import end_state, start_state, stuck_reason
 
 log = logging.getLogger("proctor.kubernetes")
 
@@ -53,6 +55,7 @@ ANCHOR_TTL_S = 30.0  # the anchor and the namespace's deny-all policy are checke
 METRICS_EVERY_S = 10.0  # metrics-server scrapes every 15 s by default: asking more often is waste
 FINAL_STATE_S = 15.0  # how long the kubelet may take to report a container's end
 UNHEARD_S = 2.0  # a starting pod the informer has not reported by then is read directly
+EVENTS_EVERY_S = 5.0  # a placed pod that is slow to start: its events are read this often
 KILL_GRACE_S = 1  # SIGTERM, then SIGKILL a second later (kubelets may round it up to 2 s)
 KILL_CONFIRM_S = 15.0  # a deleted pod still there by then (its node is away) is deleted by force
 
@@ -144,6 +147,8 @@ class PodSandbox(StreamSandbox):
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.request.limits.timeout_s
         unschedulable_since: float | None = None
+        placed_since: float | None = None
+        look_at = 0.0  # when to read a slow pod's events next
         watch = self.rt.informer.follow(self.pod)
         pod: dict[str, Any] | None = {}
         followed = loop.time()
@@ -179,11 +184,26 @@ class PodSandbox(StreamSandbox):
                         raise SandboxError(
                             f"kubernetes: sandbox {self.id}: pod {self.pod} could not be scheduled within "
                             f"{self.rt.pending_timeout_s:g}s: {state.unschedulable}")
+                placed_since = (placed_since or now) if state.placed else None
+                if placed_since is not None and now - placed_since >= self.rt.pending_timeout_s and now >= look_at:
+                    look_at = now + EVENTS_EVERY_S
+                    why = await self._stuck()
+                    if why is not None:
+                        raise SandboxError(f"kubernetes: sandbox {self.id}: pod {self.pod} could not start: {why}")
                 if now >= give_up:
                     raise SandboxError(f"kubernetes: sandbox {self.id}: pod {self.pod} did not start within "
                                        f"{self.request.limits.timeout_s:g}s ({state.detail})")
         finally:
             watch.stop()
+
+    async def _stuck(self) -> str | None:
+        """Why the placed pod cannot start, from its events; None if they say nothing (an image
+        still pulling) or cannot be read (the launch then waits for its give-up)."""
+        try:
+            return stuck_reason(await self.api.events_of(self.pod))
+        except SandboxError as exc:
+            log.warning("sandbox %s: %s", self.id, exc)
+            return None
 
     # ------------------------------------------------------------ the channel
 

@@ -2,7 +2,9 @@
 
 `start_state` says whether a launch may go on (running), must wait (pending, with the
 scheduler's message while unschedulable) or has failed (an image that cannot be pulled,
-a container that cannot be created, a pod that ended or vanished). `end_state` turns a
+a container that cannot be created, a pod that ended or vanished); `stuck_reason` reads
+the pod's events for why a placed pod's sandbox cannot be made (the container status only
+says ContainerCreating, as during an image pull). `end_state` turns a
 finished pod into our exit: OOMKilled → `oom`, Evicted → `killed` ("evicted: ..."),
 DeadlineExceeded → `deadline`, else the container's exit code. A pod is never restarted.
 """
@@ -22,11 +24,16 @@ FATAL_WAITING = frozenset({
 })
 
 
+# warnings after which a placed pod's sandbox will not be made without someone changing something
+STUCK_EVENTS = frozenset({"FailedCreatePodSandBox", "FailedMount", "FailedAttachVolume", "FailedCreatePodContainer"})
+
+
 @dataclass(frozen=True)
 class StartState:
     kind: Literal["running", "pending", "failed", "gone"]
     detail: str = ""
     unschedulable: str | None = None  # the scheduler's message while the pod cannot be placed
+    placed: bool = False  # on a node (its sandbox and container being made)
 
 
 def container_status(pod: dict[str, Any]) -> dict[str, Any]:
@@ -54,10 +61,23 @@ def start_state(pod: dict[str, Any] | None) -> StartState:
     waiting = state.get("waiting") or {}
     if waiting.get("reason") in FATAL_WAITING:
         return StartState("failed", f"{waiting['reason']}: {waiting.get('message') or 'no message'}")
+    placed = False
     for cond in status.get("conditions") or []:
         if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
             return StartState("pending", "unschedulable", cond.get("message") or "no node fits the pod")
-    return StartState("pending", waiting.get("reason") or phase)
+        placed = placed or (cond.get("type"), cond.get("status")) == ("PodScheduled", "True")
+    return StartState("pending", waiting.get("reason") or phase, placed=placed)
+
+
+def stuck_reason(events: list[dict[str, Any]]) -> str | None:
+    """Why a placed pod cannot start, from its events (core/v1 Events about it): the latest
+    warning of a kind that does not pass by itself; None if there is none."""
+    stuck = [e for e in events if e.get("type") == "Warning" and e.get("reason") in STUCK_EVENTS]
+    if not stuck:
+        return None
+    last = max(stuck, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    times = f" ({last['count']} times)" if isinstance(last.get("count"), int) and last["count"] > 1 else ""
+    return f"{last['reason']}{times}: {str(last.get('message') or 'no message')[:500]}"
 
 
 def end_state(pod: dict[str, Any]) -> tuple[int | None, ExitReason, str] | None:

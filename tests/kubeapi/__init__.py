@@ -4,7 +4,7 @@ Not a Kubernetes: a real HTTPS server on 127.0.0.1 (a random port, its own CA) t
 real `kubernetes` client and the runtime's WebSocket attach talk to through the kubeconfig
 file it writes (a bearer token checked, or with `client_certs` a client certificate that
 the TLS handshake requires). It answers like the API server where the runtime
-looks: the paths of pods, ConfigMaps, NetworkPolicies and pod metrics; create 201, get
+looks: the paths of pods, ConfigMaps, NetworkPolicies, Events and pod metrics; create 201, get
 200/404 with a `Status`, delete 200 with the object, 409 AlreadyExists, 422 Invalid (the
 body validated with `kubernetes_validate`, strict, Kubernetes 1.37), 403 for an unknown
 RuntimeClass; lists with label and field selectors; watches streaming ADDED / MODIFIED /

@@ -13,7 +13,8 @@ dropped, as a real attach would never see it. It is NOT isolated: trusted test t
 only. The memory limit is the cgroup's (the kernel's OOM kill → OOMKilled; without
 cgroups, the process tree's RSS is polled instead), `activeDeadlineSeconds` is enforced
 (DeadlineExceeded), and the kubelet can be told to evict a pod, OOM-kill it or fail
-pulling an image. A gracefully deleted pod's container gets SIGTERM, SIGKILL after the
+pulling an image, or fail to make any pod sandbox (`sandbox_error`: pods stay
+ContainerCreating, with a Warning event). A gracefully deleted pod's container gets SIGTERM, SIGKILL after the
 grace period, and the pod leaves the store once it has ended; an `unresponsive` kubelet
 (its node gone) never confirms, so such pods stay until deleted by force.
 """
@@ -118,6 +119,8 @@ class Kubelet:
         store.on_delete.append(self._deleted)
         store.on_terminating.append(self._terminating)
         self.unresponsive = False  # a node that no longer answers: deleted pods are never confirmed gone
+        self.sandbox_error: str | None = None  # set: no pod sandbox can be made (e.g. no runsc on the node)
+        self.stuck: dict[tuple[str, str], float] = {}  # pods left ContainerCreating -> when last reported
         self.thread = threading.Thread(target=self._loop, name="kubeapi-kubelet", daemon=True)
         self.thread.start()
 
@@ -207,6 +210,9 @@ class Kubelet:
     # ------------------------------------------------------------ running
 
     def _start(self, ns: str, name: str, pod: dict[str, Any]) -> None:
+        if self.sandbox_error is not None:  # the pod stays ContainerCreating; only its events say why
+            self._warn_stuck(ns, name, pod)
+            return
         spec = pod["spec"]
         c = spec["containers"][0]
         registry = (c.get("image") or "").split("/")[0]
@@ -262,6 +268,26 @@ class Kubelet:
         threading.Thread(target=self._reap, args=(ns, name, container), daemon=True).start()
         if running is None:  # deleted meanwhile
             self.terminate(ns, name, "Deleted")
+
+    def _warn_stuck(self, ns: str, name: str, pod: dict[str, Any]) -> None:
+        """A Warning event FailedCreatePodSandBox about the pod, counted up every second, as
+        the kubelet's retries report it."""
+        now = time.monotonic()
+        if now - self.stuck.get((ns, name), float("-inf")) < 1.0:
+            return
+        first = (ns, name) not in self.stuck
+        self.stuck[(ns, name)] = now
+        event = f"{name}.stuck"
+        message = f"Failed to create pod sandbox: rpc error: code = Unknown desc = {self.sandbox_error}"
+        if first:
+            self.store.create("events", ns, {
+                "apiVersion": "v1", "kind": "Event", "metadata": {"name": event}, "type": "Warning",
+                "reason": "FailedCreatePodSandBox", "message": message, "count": 1,
+                "involvedObject": {"kind": "Pod", "name": name, "namespace": ns, "uid": pod["metadata"]["uid"]},
+                "source": {"component": "kubelet", "host": pod["spec"].get("nodeName")},
+                "firstTimestamp": now_iso(), "lastTimestamp": now_iso()})
+        else:
+            self.store.update("events", ns, event, lambda e: e.update(count=e["count"] + 1, lastTimestamp=now_iso()))
 
     def _pump(self, c: Container, stream: Any, channel: int) -> None:
         while chunk := os.read(stream.fileno(), 64 * 1024):

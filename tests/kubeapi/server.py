@@ -21,7 +21,7 @@ from .store import KINDS, ApiError, now_iso
 
 K8S_VERSION = "1.37.0"
 ROUTES = [
-    re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>pods|configmaps)(?:/(?P<name>[^/]+)(?:/(?P<sub>attach))?)?$"),
+    re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>pods|configmaps|events)(?:/(?P<name>[^/]+)(?:/(?P<sub>attach))?)?$"),
     re.compile(r"^/apis/networking\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>networkpolicies)(?:/(?P<name>[^/]+))?$"),
 ]
 METRICS = re.compile(r"^/apis/metrics\.k8s\.io/v1beta1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)$")
