@@ -100,7 +100,7 @@ def incidents_html(incidents: list[dict[str, Any]], link: bool = False) -> str:
 def detail_html(ev: Any) -> str:
     s = ev.summary or {}
     metrics = "".join(f"<tr><td>{_e(k)}</td><td>{m.get('mean', 0) or 0:.3f}</td>"
-                      f"<td>[{m.get('ci_low') or 0:.3f}, {m.get('ci_high') or 0:.3f}]</td><td>{m.get('n', '')}</td></tr>"
+                      f"<td>[{m.get('ci_low') or 0:.3f}, {m.get('ci_high') or 0:.3f}]</td><td>{_e(m.get('n', ''))}</td></tr>"
                       for k, m in (s.get("metrics") or {}).items())
     table = (f'<table class="pr-table"><thead><tr><th>scorer</th><th>mean</th><th>95% CI</th><th>n</th></tr></thead>'
              f'<tbody>{metrics}</tbody></table>' if metrics else "")
@@ -113,8 +113,8 @@ def detail_html(ev: Any) -> str:
 
 def shards_html(shards: list[dict[str, Any]]) -> str:
     rows = "".join(
-        f'<tr><td><code>{_e(x["shard_id"])}</code></td><td>{badge(x["status"])}</td><td>{x["units"]}</td>'
-        f'<td>{x["attempt"]}/{x["max_attempts"]}</td><td>{_e(x.get("supervisor") or "")}</td>'
+        f'<tr><td><code>{_e(x["shard_id"])}</code></td><td>{badge(x["status"])}</td><td>{_e(x["units"])}</td>'
+        f'<td>{_e(x["attempt"])}/{_e(x["max_attempts"])}</td><td>{_e(x.get("supervisor") or "")}</td>'
         f'<td>{_e(x.get("error") or "")}</td></tr>' for x in shards[:500])
     head = "".join(f"<th>{h}</th>" for h in ("shard", "status", "units", "attempt", "supervisor", "error"))
     more = f"<p>and {len(shards) - 500} more</p>" if len(shards) > 500 else ""
@@ -135,8 +135,8 @@ def cluster_html(c: dict[str, Any], ray_dashboard: str | None) -> str:
     return (f'<h4>Capacity in use, by resource and GPU type</h4>'
             f'<table class="pr-table" id="pr-cluster-use"><tbody>{rows}</tbody></table>'
             f'<h4>Shards</h4><table class="pr-table" id="pr-cluster"><tbody>'
-            f'<tr><td>queued</td><td>{c.get("queued_shards", 0)}</td></tr>'
-            f'<tr><td>running</td><td>{c.get("running_shards", 0)}</td></tr></tbody></table>'
+            f'<tr><td>queued</td><td>{_e(c.get("queued_shards", 0))}</td></tr>'
+            f'<tr><td>running</td><td>{_e(c.get("running_shards", 0))}</td></tr></tbody></table>'
             f'<h4>Waiting</h4><ul>{waiting or "<li>nothing waits</li>"}</ul>{link}')
 
 
