@@ -72,29 +72,6 @@ def test_the_live_table_sends_one_page_and_counts_them_all() -> None:
     assert "0 of 0" in live_table([]) and "no evaluations" in live_table([])
 
 
-def test_a_tab_is_sent_only_what_changed_and_everything_now_and_then() -> None:
-    import gradio as gr
-    import pandas as pd
-
-    from ui.dashboard import Sent
-
-    sent = Sent(most=10, full_every=4)
-    tab, other = SimpleNamespace(session_hash="a"), SimpleNamespace(session_hash="b")
-    frame = pd.DataFrame({"x": [1, 2]})
-    first = ("<p>1</p>", frame, gr.update(visible=True), None)
-    assert sent.changed("detail", tab, first) == first  # a tab's first answer goes whole
-    same = ("<p>1</p>", frame.copy(), gr.update(visible=True), None)
-    assert sent.changed("detail", tab, same) == (gr.skip(),) * 4
-    assert sent.changed("detail", other, same) == same  # per tab
-    moved = ("<p>2</p>", pd.DataFrame({"x": [1, 3]}), gr.update(visible=True), None)
-    got = sent.changed("detail", tab, moved)
-    assert got[0] == "<p>2</p>" and got[1] is moved[1] and got[2:] == (gr.skip(), gr.skip())
-    assert sent.changed("detail", tab, moved) == moved  # the 4th answer: whole, whatever changed
-    sent.forget(tab)  # another handler changed what the tab shows
-    assert sent.changed("detail", tab, moved) == moved
-    assert sent.changed("live", SimpleNamespace(), moved) == moved  # no tab known: always whole
-
-
 def test_cluster_use_is_drawn_as_bars_per_resource_and_gpu_type() -> None:
     c = {"cpus": {"total": 8, "free": 2}, "memory": {"total": 16 * 2**30, "free": 16 * 2**30},
          "gpus": {"A100": {"total": 4, "free": 0}}, "queued_shards": 3, "running_shards": 5,

@@ -16,19 +16,15 @@ from itertools import islice
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
-from proctor.client import Client, NotFoundError, ProctorError
+from proctor.client import ProctorError
 
+from .kept import MAX_TABS, Sent, Session
 from .views import (FINAL, PAGE_ROWS, cluster_html, detail_html, history_frames, incidents_html, live_table, resource_frames,
                     shards_html, _e)
 
 REFRESH_S = 2.0
 MAX_LISTED = 1000
-MAX_TABS = 256  # browser tabs whose last offered choices are remembered
-FINISHED_KEPT = 32  # finished evaluations whose rows and resource graphs the dashboard keeps
-SAMPLE_COLUMNS = ("sample_id", "epoch", "input", "target", "output", "score", "error")
-SAMPLE_ROWS = 200  # the sample browser shows the first rows
 SIGNED_OUT = "signed-out"  # kept in the browser after signing out (an empty value is not stored)
 SLOW_REFRESH_S = 10.0
 LOG_LINES = 200  # the view keeps the last lines only
@@ -44,99 +40,6 @@ CSS = """
 .pr-table code, .pr-progress { white-space: nowrap; }
 .pr-scroll tr { content-visibility: auto; contain-intrinsic-size: auto 29px; }
 """
-
-
-class Session:
-    """One signed-in user's client (kept per token)."""
-
-    def __init__(self, api_url: str):
-        self.api_url = api_url
-        self.clients: dict[str, Client] = {}
-        # a finished evaluation's sample rows and resource graphs never change: kept, not fetched again
-        self.finished: dict[str, tuple[pd.DataFrame, tuple[pd.DataFrame, pd.DataFrame, str]]] = {}
-        self.choices: dict[str, list[tuple[str, str]]] = {}  # the evaluations last offered to pick, per tab
-        self.partial: dict[str, tuple[int, pd.DataFrame]] = {}  # a running evaluation's rows so far, by progress
-
-    def rows(self, client: Client, ev: Any) -> pd.DataFrame:
-        """The first sample rows: all of a finished evaluation's, or those a running one has
-        written so far (fetched again only when its progress moves)."""
-        seen = self.partial.get(ev.id)
-        if ev.status not in FINAL and seen is not None and seen[0] == ev.done_units:
-            return seen[1]
-        try:
-            table = client.results(ev.id)
-        except NotFoundError:
-            frame = pd.DataFrame(columns=list(SAMPLE_COLUMNS))
-        else:
-            cols = [c for c in SAMPLE_COLUMNS if c in table.column_names]
-            frame = table.select(cols).slice(0, SAMPLE_ROWS).to_pandas()
-        self.partial.pop(ev.id, None)
-        if ev.status not in FINAL:
-            self.partial[ev.id] = (ev.done_units, frame)
-            while len(self.partial) > FINISHED_KEPT:
-                self.partial.pop(next(iter(self.partial)))
-        return frame
-
-    def client(self, token: str) -> Client:
-        """The token's client, kept for the `MAX_TABS` tokens used last (the oldest closed)."""
-        if not token:
-            raise ProctorError("sign in with an API token", status=401, code="unauthenticated")
-        client = self.clients.pop(token, None) or Client(self.api_url, token=token, timeout=10)
-        self.clients[token] = client
-        while len(self.clients) > MAX_TABS:
-            self.clients.pop(next(iter(self.clients))).close()
-        return client
-
-    def drop(self, token: str) -> None:
-        """Forget a token's client (a refused token, or signing out)."""
-        client = self.clients.pop(token, None)
-        if client is not None:
-            client.close()
-
-
-class Sent:
-    """What each browser tab was last sent by each refresher. An output equal to what the tab
-    already shows goes as `gr.skip()`: neither the wire nor the page does any work for it (a
-    finished evaluation's detail, quiet incidents, the unchanged graphs). A handler other
-    than the refresher that changes one of its outputs must `forget` the tab. Every
-    `full_every`-th answer goes whole: two answers of one refresher may cross on their way
-    (a timer's and a click's), and the page then shows the older one until then."""
-
-    def __init__(self, most: int, full_every: int = 15):
-        self.most = most
-        self.full_every = full_every
-        self.last: dict[tuple[str, str], tuple[Any, ...]] = {}
-        self.answers: dict[tuple[str, str], int] = {}
-
-    def changed(self, refresher: str, request: Any, outputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        tab = getattr(request, "session_hash", None)
-        if tab is None:
-            return outputs
-        key = (refresher, tab)
-        before = self.last.pop(key, None)
-        self.last[key] = outputs
-        answers = self.answers[key] = self.answers.pop(key, 0) + 1
-        while len(self.last) > self.most:
-            self.answers.pop(oldest := next(iter(self.last)), None)
-            self.last.pop(oldest)
-        if before is None or len(before) != len(outputs) or answers % self.full_every == 0:
-            return outputs
-        return tuple(gr.skip() if _same(old, new) else new for old, new in zip(before, outputs))
-
-    def forget(self, request: Any) -> None:
-        tab = getattr(request, "session_hash", None)
-        for key in [k for k in self.last if k[1] == tab]:
-            del self.last[key]
-            self.answers.pop(key, None)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, pd.DataFrame) or isinstance(b, pd.DataFrame):
-        return isinstance(a, pd.DataFrame) and isinstance(b, pd.DataFrame) and a.equals(b)
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except (TypeError, ValueError):
-        return False
 
 
 def build(api_url: str, token: str | None = None, ray_dashboard: str | None = None) -> gr.Blocks:
@@ -159,7 +62,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
     def sign_out(secret: str, request: gr.Request) -> tuple[Any, ...]:
         """Forget the token in this tab and in the browser; the views empty on their next refresh."""
         session.drop(secret)
-        session.choices.pop(getattr(request, "session_hash", None) or secret, None)
+        session.choices.pop(getattr(request, "session_hash", None) or secret)
         sent.forget(request)
         return ("", "", "Signed out; sign in with an API token", SIGNED_OUT, gr.update(value=""),
                 gr.update(choices=[], value=None), "<p>Sign in with an API token.</p>")
@@ -189,11 +92,8 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         page = min(max(page, 0), max(0, (len(found) - 1) // PAGE_ROWS))
         choices = [(f"{ev.name} · {ev.id}", ev.id) for ev in found[:500]]
         tab = getattr(request, "session_hash", None) or secret  # one browser tab
-        if session.choices.get(tab) == choices:  # unchanged: not sent again
+        if session.choices.put(tab, choices) == choices:  # unchanged: not sent again
             return live_table(found, page), gr.update(), page
-        session.choices[tab] = choices
-        while len(session.choices) > MAX_TABS:
-            session.choices.pop(next(iter(session.choices)))
         return live_table(found, page), gr.update(choices=choices), page
 
     def turn(page: int, step: int) -> int:
@@ -216,9 +116,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             if kept is None:
                 kept = (session.rows(c, ev), resource_frames(c.resources(eval_id)))
                 if ev.status in FINAL:
-                    session.finished[ev.id] = kept
-                    while len(session.finished) > FINISHED_KEPT:
-                        session.finished.pop(next(iter(session.finished)))
+                    session.finished.put(ev.id, kept)
             rows, (cpu, memory, caption) = kept
             incidents = c.incidents(eval_id)
             artifacts = c.artifacts(eval_id)
