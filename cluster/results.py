@@ -377,10 +377,17 @@ class ResultsStore:
             uri = self.quarantine_uri(eval_id, shard_id, part.uri.rsplit("/", 1)[-1])
             move(part.uri, uri, self.settings)
             moved.append(uri)
+        lost = []
         for path, data in artifacts:
             uri = self.quarantine_uri(eval_id, shard_id, "artifacts", path)
-            write_bytes(uri, data, self.settings)
+            try:
+                write_bytes(uri, data, self.settings)
+            except StorageError as exc:  # the report says so; the rest of the evidence is kept
+                lost.append({"path": path, "error": str(exc)})
+                continue
             moved.append(uri)
+        if lost:
+            report = {**report, "artifacts_not_kept": lost}
         write_bytes(self.quarantine_uri(eval_id, shard_id, "report.json"),
                     json.dumps(report, indent=2, default=str).encode(), self.settings)
         return moved

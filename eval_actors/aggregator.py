@@ -23,6 +23,7 @@ import ray
 from cluster.aggregation import Aggregator as AggregationCore
 from cluster.aggregation import write_part
 from cluster.results import RESULTS_SCHEMA, summarize
+from cluster.storage import StorageError
 from proctor.settings import Settings
 
 log = logging.getLogger("proctor.aggregator")
@@ -107,9 +108,16 @@ class Aggregator:
         return len(records)
 
     async def store_artifacts(self, eval_id: str, shard_id: str, artifacts: list[tuple[str, bytes]]) -> int:
+        """Keep the shard's artifacts; one that cannot be written is logged and skipped (the
+        shard's rows and state do not hang on it). Returns how many were kept."""
+        kept = 0
         for path, data in artifacts:
-            await asyncio.to_thread(self.core.store.write_artifact, eval_id, shard_id, path, data)
-        return len(artifacts)
+            try:
+                await asyncio.to_thread(self.core.store.write_artifact, eval_id, shard_id, path, data)
+                kept += 1
+            except StorageError as exc:
+                log.error("%s/%s: artifact %r not kept: %s", eval_id, shard_id, path, exc)
+        return kept
 
     async def quarantine_shard(self, eval_id: str, shard_id: str, attempt: int, records: list[Any],
                                scorer_names: list[str], artifacts: list[tuple[str, bytes]],

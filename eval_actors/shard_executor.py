@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fnmatch
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +33,7 @@ from typing import Any, Literal
 from cluster.results import SampleRecord
 from cluster.runtimes import LaunchRequest, SandboxError, SandboxExit, SandboxLimits, SandboxRuntime
 from cluster.runtimes.layout import SANDBOX_USER, harness_layout
-from proctor.protocol import Cancel, Rejection, ShardMessage, ShardSample, encode
+from proctor.protocol import MAX_ARTIFACT_BYTES, Cancel, Rejection, ShardMessage, ShardSample, encode
 from proctor.spec import EvaluationSpec, Sample
 from safety.canaries import CANARIES
 from safety.canaries import PATHS as CANARY_PATHS
@@ -46,7 +47,6 @@ from .gateway import GatewayCall, ModelGateway
 
 log = logging.getLogger("proctor.executor")
 
-MAX_ARTIFACT_BYTES = 16 * 1024**2
 MAX_ARTIFACTS_TOTAL = 64 * 1024**2
 MAX_LEFT_BEHIND = 32  # files per pattern collected after a safety stop
 CANCEL_GRACE_S = 2.0
@@ -322,8 +322,8 @@ class ShardExecutor:
             if run.guard is not None:
                 run.guard.observe("output", event.output)
             record = run.records[key] = self._record(work, sample, event)
-            if run.on_record is not None:
-                run.on_record(record)
+            if run.on_record is not None and (run.guard is None or run.guard.stopped is None):
+                run.on_record(record)  # streamed while it runs; a stopped shard's rows go to quarantine only
         elif event.type == "generate":
             call = GatewayCall(work.eval_id, work.shard_id, work.spec.model, work.spec.safety, event)
             task = asyncio.create_task(self._answer(sandbox, call, run))
@@ -404,15 +404,16 @@ class ShardExecutor:
                     kept.add(rel)
 
     def _collect_artifact(self, run: _Run, workspace: Path, event: Any) -> None:
-        rel = Path(event.path)
-        if rel.is_absolute() or ".." in rel.parts:
-            run.rejections.append(Rejection(f"artifact path {event.path!r} leaves the workspace", "", 0))
+        problem = artifact_name_problem(event.path, run.work.spec.sandbox.artifacts)
+        if problem is not None:
+            run.rejections.append(Rejection(f"artifact {str(event.path)[:200]!r}: {problem}", "", 0))
             return
+        rel = Path(event.path)
         if not self.runtime.shares_workspace:
             self._collect_inline(run, rel, event)
             return
         try:
-            fd = os.open(workspace / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = open_beneath(workspace, rel)
         except OSError as exc:
             run.rejections.append(Rejection(f"artifact {event.path!r}: {exc.strerror}", "", 0))
             return
@@ -554,10 +555,57 @@ def _room(run: _Run) -> int:
     return min(MAX_ARTIFACT_BYTES, MAX_ARTIFACTS_TOTAL - run.artifact_bytes)
 
 
+def artifact_name_problem(name: Any, patterns: Sequence[str]) -> str | None:
+    """Why a sandbox's artifact name cannot be kept (None if it can): a relative path of
+    plain parts (no "", ".", "..", control characters), matching `<sample dir>/<pattern>`
+    for one of the spec's `sandbox.artifacts` patterns."""
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        return "not a path of 1 to 1,024 characters"
+    parts = name.split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return "leaves the workspace or has empty parts"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name) or any(len(p.encode()) > 255 for p in parts):
+        return "has control characters or a part over 255 bytes"
+    if not any(fnmatch.fnmatchcase(name, f"*/{form}") for pattern in patterns for form in _glob_forms(pattern)):
+        return "matches none of the spec's sandbox.artifacts patterns"
+    return None
+
+
+def _glob_forms(pattern: str) -> set[str]:
+    """`pattern` as fnmatch patterns that together match what `Path.glob` matches with it
+    (fnmatch's `*` crosses folders; glob's `**/` may also stand for no folder at all)."""
+    forms = {pattern}
+    while True:
+        more = {f.replace("/**/", "/", 1) for f in forms} | {f[3:] for f in forms if f.startswith("**/")}
+        if more <= forms:
+            return forms
+        forms |= more
+
+
+def open_beneath(root: Path, rel: Path) -> int:
+    """A read-only descriptor of `root/rel`, opened one part at a time without following
+    any symlink (a sandbox may plant one in a folder of its workspace: O_NOFOLLOW alone
+    guards only the last part). Raises OSError."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in rel.parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return os.open(rel.parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def _keep_artifact(run: _Run, rel: Path, named: str, data: bytes) -> None:
     if len(data) > _room(run):
         run.rejections.append(Rejection(f"artifact {named!r} is over the size limit", "", 0))
         return
+    path = str(rel)
+    for kept, _ in run.artifacts:  # one file per name: no duplicate, no file that is another's folder
+        if kept == path or kept.startswith(path + "/") or path.startswith(kept + "/"):
+            run.rejections.append(Rejection(f"artifact {named!r} clashes with the artifact {kept!r}", "", 0))
+            return
     run.artifact_bytes += len(data)
     run.artifacts.append((str(rel), data))
 

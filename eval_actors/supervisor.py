@@ -330,41 +330,43 @@ class Supervisor:
                                                        sandbox_id=sandbox_id)
         finally:
             self.executors.pop((eval_id, shard_id), None)
-        incidents = self._incidents(eval_id, shard_id, outcome)
-        if outcome.status == "safety_stopped":
-            # its rows and artifacts are moved aside, readable by the safety and admin roles only
-            await aggregator.quarantine_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers,
-                                                     list(outcome.artifacts), {"incidents": incidents,
-                                                                              "safety": outcome.safety})
-        else:
-            # every row of the shard, once more: the aggregator keeps them idempotently
-            await aggregator.finish_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers)
-            if outcome.artifacts:
-                await aggregator.store_artifacts.remote(eval_id, shard_id, list(outcome.artifacts))
-        if dropped_logs:
-            logs.append({"n": len(logs) + dropped_logs, "ts": time.time(), "shard_id": shard_id, "attempt": attempt,
-                         "level": "warning", "message": f"proctor: {dropped_logs} more log lines were not kept"})
-        if logs:
-            await aggregator.store_logs.remote(eval_id, shard_id, attempt, logs)
-        if outcome.safety.get("resources"):
-            await aggregator.store_resources.remote(eval_id, shard_id, attempt, outcome.safety["resources"])
-        status = outcome.status
-        retry = status == "failed" and outcome.exit is None  # the sandbox never started: infrastructure
         try:
-            retried = retry and self.store.transition_shard(eval_id, shard_id, "queued", expect="running",
-                                                            error=outcome.error)
-        except RetriesExhaustedError:
-            retried = False
-        if not retried and self.store.transition_shard(eval_id, shard_id, status, expect="running",
-                                                       error=outcome.error):
-            self.store.add_done_units(eval_id, len(outcome.records))
-        record_shard(status, len(outcome.records), outcome.model_calls, outcome.model_tokens, outcome.first_event_s)
-        if status == "safety_stopped":  # one shard's violation stops the whole evaluation
-            self._background(self._actor("scheduler").cancel.remote(eval_id, True, "safety_stopped"))
-        self._publish([{"type": "shard", "eval_id": eval_id, "shard_id": shard_id, "status": status,
-                        "error": outcome.error, "runtime": outcome.runtime, "isolation": outcome.isolation,
-                        "rejections": len(outcome.rejections), "duration_s": round(outcome.duration_s, 3),
-                        "startup_s": outcome.first_event_s, "samples": len(outcome.records),
-                        "model_calls": outcome.model_calls, "model_tokens": outcome.model_tokens},
-                       {"type": "progress", "eval_id": eval_id, "shard_id": shard_id, "done": len(outcome.records),
-                        "total": work.units}])
+            incidents = self._incidents(eval_id, shard_id, outcome)
+            if outcome.status == "safety_stopped":
+                # its rows and artifacts are moved aside, readable by the safety and admin roles only
+                await aggregator.quarantine_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers,
+                                                         list(outcome.artifacts), {"incidents": incidents,
+                                                                                  "safety": outcome.safety})
+            else:
+                # every row of the shard, once more: the aggregator keeps them idempotently
+                await aggregator.finish_shard.remote(eval_id, shard_id, attempt, list(outcome.records), scorers)
+                if outcome.artifacts:
+                    await aggregator.store_artifacts.remote(eval_id, shard_id, list(outcome.artifacts))
+            if dropped_logs:
+                logs.append({"n": len(logs) + dropped_logs, "ts": time.time(), "shard_id": shard_id, "attempt": attempt,
+                             "level": "warning", "message": f"proctor: {dropped_logs} more log lines were not kept"})
+            if logs:
+                await aggregator.store_logs.remote(eval_id, shard_id, attempt, logs)
+            if outcome.safety.get("resources"):
+                await aggregator.store_resources.remote(eval_id, shard_id, attempt, outcome.safety["resources"])
+            status = outcome.status
+            retry = status == "failed" and outcome.exit is None  # the sandbox never started: infrastructure
+            try:
+                retried = retry and self.store.transition_shard(eval_id, shard_id, "queued", expect="running",
+                                                                error=outcome.error)
+            except RetriesExhaustedError:
+                retried = False
+            if not retried and self.store.transition_shard(eval_id, shard_id, status, expect="running",
+                                                           error=outcome.error):
+                self.store.add_done_units(eval_id, len(outcome.records))
+            record_shard(status, len(outcome.records), outcome.model_calls, outcome.model_tokens, outcome.first_event_s)
+            self._publish([{"type": "shard", "eval_id": eval_id, "shard_id": shard_id, "status": status,
+                            "error": outcome.error, "runtime": outcome.runtime, "isolation": outcome.isolation,
+                            "rejections": len(outcome.rejections), "duration_s": round(outcome.duration_s, 3),
+                            "startup_s": outcome.first_event_s, "samples": len(outcome.records),
+                            "model_calls": outcome.model_calls, "model_tokens": outcome.model_tokens},
+                           {"type": "progress", "eval_id": eval_id, "shard_id": shard_id, "done": len(outcome.records),
+                            "total": work.units}])
+        finally:  # one shard's violation stops the whole evaluation, whatever failed above
+            if outcome.status == "safety_stopped":
+                self._background(self._actor("scheduler").cancel.remote(eval_id, True, "safety_stopped"))

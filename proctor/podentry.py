@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 
 MAX_WORKSPACE_BYTES = 64 * 1024**2
 MAX_HEADER_BYTES = 4096
+TAR_OVERHEAD_BYTES = 1024**2  # tar headers and padding beyond the files' bytes
 HEADER_KEY = "proctor_workspace"
 
 
@@ -65,6 +66,9 @@ def pack_workspace(folder: Path, limit: int = MAX_WORKSPACE_BYTES) -> bytes:
             info.size, info.mode = st.st_size, 0o755 if st.st_mode & 0o100 else 0o644
             with path.open("rb") as f:
                 tar.addfile(info, f)
+            if buf.tell() > limit + TAR_OVERHEAD_BYTES:  # what the pod accepts: headers count too
+                raise WorkspaceError(f"the workspace's tar is over {limit + TAR_OVERHEAD_BYTES} bytes "
+                                     "(its files and their names); a pod receives at most that")
     data = buf.getvalue()
     return header(len(data)) + data
 
@@ -95,7 +99,7 @@ def read_header(fd: int) -> int:
         size = head["size"] if head.get(HEADER_KEY) == 1 and head.get("format") == "tar" else None
     except (ValueError, AttributeError, KeyError):
         size = None
-    if not isinstance(size, int) or not 0 <= size <= MAX_WORKSPACE_BYTES + 1024**2:
+    if not isinstance(size, int) or not 0 <= size <= MAX_WORKSPACE_BYTES + TAR_OVERHEAD_BYTES:
         raise WorkspaceError(f"not a workspace header: {bytes(line[:200])!r}")
     return size
 

@@ -100,6 +100,7 @@ class MetricEvent(_Out):
 
 
 INLINE_ARTIFACT_BYTES = 512 * 1024  # one piece of an inlined artifact's content: base64, it fits one protocol line
+MAX_ARTIFACT_BYTES = 16 * 1024**2  # the largest artifact the host keeps
 
 
 class ArtifactEvent(_Out):

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -483,9 +484,8 @@ def build_app(settings: Settings) -> FastAPI:
             data = await asyncio.to_thread(read_bytes, uri, settings, MAX_ARTIFACT_DOWNLOAD)
         except (ValueError, StorageError):
             raise ApiError(404, "not_found", f"evaluation {eval_id} has no artifact {path!r}") from None
-        name = path.rsplit("/", 1)[-1].replace('"', "")
         return Response(data, media_type="application/octet-stream",
-                        headers={"Content-Disposition": f'attachment; filename="{name}"',
+                        headers={"Content-Disposition": attachment(path.rsplit("/", 1)[-1]),
                                  "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/v1/evaluations/{eval_id}/incidents", tags=["safety"],
@@ -712,3 +712,11 @@ def build_app(settings: Settings) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def attachment(name: str) -> str:
+    """A Content-Disposition for a download named `name` (chosen by a sandbox: any text): an
+    ASCII fallback name, and the name itself percent-encoded (RFC 6266), so that no name
+    breaks the header."""
+    plain = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%;' else "_" for c in name)[:200] or "artifact"
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name[:200], safe='')}"

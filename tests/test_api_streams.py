@@ -78,10 +78,22 @@ def test_artifacts_listed_and_downloaded(api: Any, finished: dict[str, Any]) -> 
     assert got.content == b"kept\n"
     assert got.headers["content-type"] == "application/octet-stream"
     assert got.headers["x-content-type-options"] == "nosniff"
+    assert got.headers["content-disposition"] == "attachment; filename=\"notes.txt\"; filename*=UTF-8''notes.txt"
     for bad in ["00000/missing.txt", "00000/../../../etc/passwd", "..%2F..%2Fstate.db", "notes.txt",
                 paths[0].replace("00000", "00001")]:
         assert client.get(f"{base}/{bad}", headers=auth(tokens["rita"])).status_code == 404, bad
     assert client.get(base, headers=auth(tokens["rob"])).status_code == 404
+
+
+def test_any_artifact_name_makes_a_valid_download_header() -> None:
+    """A sandbox names its artifacts: any text must give a header that HTTP can carry."""
+    from serve_app.api import attachment
+
+    for name in ["结果.txt", 'a"b;c%.txt', "tab\there.txt", "x" * 300]:
+        header = attachment(name)
+        header.encode("latin-1")  # what Starlette sends; no CR, LF or quote inside the plain name
+        assert "\r" not in header and "\n" not in header and header.count('"') == 2
+    assert attachment("结果.txt") == "attachment; filename=\"__.txt\"; filename*=UTF-8''%E7%BB%93%E6%9E%9C.txt"
 
 
 def test_results_as_parquet(api: Any, finished: dict[str, Any]) -> None:

@@ -225,3 +225,95 @@ def test_cli_run_prints_json_summary(settings: Settings, tmp_path: Path) -> None
     (summary,) = json.loads(result.stdout)
     assert summary["status"] == "succeeded" and summary["samples"] == 6
     assert summary["results_uri"].startswith(settings.results)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("0-e1/answer.txt", None),
+    ("0-e1/deep/er/notes.log", None),  # "**/*.log" also matches no folder at all, as glob does
+    ("0-e1/notes.log", None),
+    ("", "1 to 1,024 characters"),
+    ("0-e1/../../etc/passwd", "leaves the workspace"),
+    ("/etc/passwd", "leaves the workspace"),
+    ("0-e1/./answer.txt", "empty parts"),
+    ("0-e1//answer.txt", "empty parts"),
+    ("0-e1/an\x00swer.txt", "control characters"),
+    ("0-e1/a\nb.txt", "control characters"),
+    ("0-e1/" + "x" * 300 + ".txt", "over 255 bytes"),
+    ("0-e1/secret.key", "matches none of the spec's sandbox.artifacts patterns"),
+    ("answer.txt", "matches none"),  # not under a sample's folder
+])
+def test_artifact_names_a_sandbox_may_report(name: str, why: str | None) -> None:
+    from eval_actors.shard_executor import artifact_name_problem
+
+    problem = artifact_name_problem(name, ["answer.txt", "**/*.log"])
+    assert (problem is None) if why is None else (problem is not None and why in problem), problem
+    assert artifact_name_problem("0-e1/answer.txt", []) is not None  # none declared: none kept
+
+
+def test_artifacts_are_read_without_following_a_planted_symlink(tmp_path: Path) -> None:
+    """The workspace is the sandbox's: a symlinked folder in it must not lead the host's
+    reader out (O_NOFOLLOW alone guards only the last part of the path)."""
+    from types import SimpleNamespace
+
+    from eval_actors.shard_executor import ShardExecutor, ShardWork, _Run, open_beneath
+
+    outside = tmp_path / "host"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("host secret")
+    ws = tmp_path / "ws"
+    (ws / "0-e1" / "real").mkdir(parents=True)
+    (ws / "0-e1" / "real" / "answer.txt").write_text("4")
+    (ws / "0-e1" / "link").symlink_to(outside)
+    os.close(open_beneath(ws, Path("0-e1/real/answer.txt")))
+    with pytest.raises(OSError):
+        open_beneath(ws, Path("0-e1/link/secret.txt"))
+
+    spec = parse_spec({"name": "links", "model": {"adapter": "reference"}, "scorers": [{"type": "exact"}],
+                       "dataset": {"samples": [{"id": "0", "input": "q", "target": "a"}]},
+                       "sandbox": {"runtime": "gvisor", "artifacts": ["**/*.txt"]}})
+    runtime = SimpleNamespace(shares_workspace=True, name="gvisor", isolation="strong")
+    executor = ShardExecutor(runtime, None, tmp_path / "sbx")  # type: ignore[arg-type]
+    run = _Run(ShardWork("ev-l", "s0", spec, tuple(spec.dataset.samples or ())), {})
+    for path in ("0-e1/real/answer.txt", "0-e1/link/secret.txt", "0-e1/real/answer.txt"):
+        executor._collect_artifact(run, ws, SimpleNamespace(path=path))
+    assert run.artifacts == [("0-e1/real/answer.txt", b"4")]
+    reasons = " | ".join(r.reason for r in run.rejections)
+    assert "'0-e1/link/secret.txt'" in reasons and "clashes with the artifact '0-e1/real/answer.txt'" in reasons
+
+
+def test_a_stopped_shards_rows_are_not_streamed() -> None:
+    """Rows stream to the aggregator while a shard runs (the API serves them as partial
+    results); once its guard has stopped it, the rest goes to the quarantine only."""
+    from types import SimpleNamespace
+
+    from eval_actors.shard_executor import ShardExecutor, ShardWork, _Run
+    from proctor.policy import Rule, SafetyPolicy
+    from proctor.protocol import SampleEvent
+    from safety.guard import SafetyGuard
+
+    spec = parse_spec({"name": "stream", "model": {"adapter": "reference"}, "scorers": [{"type": "exact"}],
+                       "dataset": {"samples": [{"id": str(i), "input": "q", "target": "a"} for i in range(3)]}})
+    runtime = SimpleNamespace(shares_workspace=True, name="gvisor", isolation="strong")
+
+    async def go(tmp: Path) -> tuple[list[str], list[str]]:
+        executor = ShardExecutor(runtime, None, tmp)  # type: ignore[arg-type]
+        streamed: list[str] = []
+        run = _Run(ShardWork("ev-s", "s0", spec, tuple(spec.dataset.samples or ())),
+                   {(s.id, 1): s for s in spec.dataset.samples or ()}, on_record=lambda r: streamed.append(r.sample_id))
+
+        async def stopped(_v: Any) -> None:
+            return None
+
+        policy = SafetyPolicy(rules=[Rule(name="boom", on=["output"], pattern="BOOM", action="stop")])
+        run.guard = SafetyGuard(policy, [], stopped)
+        for i, output in enumerate(["a", "BOOM", "a"]):
+            executor._handle(run, SampleEvent(seq=i, sample_id=str(i), epoch=1, input="q", target="a", output=output),
+                             None, tmp, set())
+        await run.guard.close()
+        return streamed, sorted(k[0] for k in run.records)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        streamed, kept = asyncio.run(go(Path(tmp)))
+    assert streamed == ["0"] and kept == ["0", "1", "2"]  # all kept for the quarantine, one streamed

@@ -267,3 +267,8 @@ def test_workspace_size_is_capped(tmp_path: Path) -> None:
     (tmp_path / "big" / "f").write_bytes(b"x" * 100)
     with pytest.raises(WorkspaceError, match="more than 50 bytes"):
         pack_workspace(tmp_path / "big", limit=50)
+    (tmp_path / "many").mkdir()
+    for i in range(2500):  # empty files: no bytes of content, but a tar header each
+        (tmp_path / "many" / f"{i:04d}-{'n' * 80}").touch()
+    with pytest.raises(WorkspaceError, match="tar is over"):
+        pack_workspace(tmp_path / "many", limit=1000)

@@ -95,7 +95,7 @@ def test_an_inline_artifact_is_kept_only_if_it_matches_what_it_declares(runtime:
     executor = ShardExecutor(runtime, AnswerFour(), tmp_path / "sandboxes")
     spec = parse_spec({"name": "inline", "model": {"adapter": "reference"}, "scorers": [{"type": "exact"}],
                        "dataset": {"samples": [{"id": "0", "input": "q", "target": "a"}]},
-                       "sandbox": {"runtime": "kubernetes"}})
+                       "sandbox": {"runtime": "kubernetes", "artifacts": ["*.txt", "*.bin"]}})
     run = _Run(ShardWork("ev-i", "s0", spec, tuple(spec.dataset.samples or ())), {})
     good = b"evidence"
 

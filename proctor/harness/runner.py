@@ -24,7 +24,7 @@ from proctor.harness.adapters import ModelAdapter, Reply, make_adapter
 from proctor.harness.channel import Cancelled, Channel, clip
 from proctor.harness.scorers import LETTERS, Score, Scorer, build_scorer
 from proctor.harness.tools import BASH_TOOL, run_command, tool_message_content
-from proctor.protocol import INLINE_ARTIFACT_BYTES, ArtifactEvent, MetricEvent, ProgressEvent, SampleEvent, ShardMessage, ShardSample, Usage
+from proctor.protocol import INLINE_ARTIFACT_BYTES, MAX_ARTIFACT_BYTES, ArtifactEvent, MetricEvent, ProgressEvent, SampleEvent, ShardMessage, ShardSample, Usage
 from proctor.spec import ModelSpec, ScorerSpec, SpecError
 
 AGENT_SYSTEM_PROMPT = (
@@ -197,7 +197,7 @@ class ShardRun:
                 seen.add(path)
                 digest = hashlib.sha256()
                 size = path.stat().st_size
-                inline = self.shard.inline_artifact_bytes > 0 and size <= self.inline_left
+                inline = self.shard.inline_artifact_bytes > 0 and size <= min(self.inline_left, MAX_ARTIFACT_BYTES)
                 content = bytearray()
                 with path.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
