@@ -579,7 +579,7 @@ def build_app(settings: Settings) -> FastAPI:
         def read() -> list[dict[str, Any]]:
             found = []
             evaluations: dict[str, Evaluation | None] = {}
-            for i in store.incidents(None, limit if who.role != "researcher" else 1000):
+            for i in store.incidents(None, limit, owner=who.name if who.role == "researcher" else None):
                 if i.eval_id not in evaluations:
                     evaluations[i.eval_id] = store.get_evaluation(i.eval_id)
                 ev = evaluations[i.eval_id]

@@ -34,6 +34,10 @@ def test_a_red_team_sample_is_stopped_quarantined_and_alerted(api: Any, webhook:
     assert stop["rule"] == "rules/sandbox-probe" and stop["severity"] == "critical"
     assert any("/proc/1/environ" in line for line in stop["evidence"]["lines"])
     assert stop["evidence"]["kill_s"] < 1.0 and stop["evidence"]["timeline"]
+    mine = client.get("/api/v1/incidents", params={"limit": 3}, headers=auth(tokens["rita"])).json()["incidents"]
+    assert any(i["eval_id"] == eval_id for i in mine) and all(i["owner"] == "rita" for i in mine)
+    theirs = client.get("/api/v1/incidents", headers=auth(tokens["rob"])).json()["incidents"]
+    assert all(i["owner"] == "rob" for i in theirs)  # another researcher sees none of it
     report = client.get(f"/api/v1/evaluations/{eval_id}/incidents", params={"format": "markdown"},
                         headers=auth(tokens["rita"]))
     assert report.headers["content-type"].startswith("text/markdown")

@@ -404,7 +404,7 @@ def test_done_units_counts_and_active(store: StateStore) -> None:
 
 def test_incidents_are_recorded_newest_first(store: StateStore) -> None:
     new_eval(store, "ev-1")
-    new_eval(store, "ev-2")
+    new_eval(store, "ev-2", owner="bob")
     first = store.add_incident("ev-1", rule="network", severity="critical", action="stop",
                                evidence={"dest": "1.1.1.1:443"}, shard_id="s0")
     store.add_incident("ev-2", rule="memory", severity="high", action="stop", evidence={"rss": 9})
@@ -412,6 +412,8 @@ def test_incidents_are_recorded_newest_first(store: StateStore) -> None:
     assert [i.rule for i in store.incidents("ev-1")] == ["output", "network"]
     assert [i.rule for i in store.incidents()] == ["output", "memory", "network"]
     assert store.incidents(limit=1)[0].rule == "output"
+    assert [i.rule for i in store.incidents(owner="bob")] == ["memory"]  # one owner's, chosen by the database
+    assert [i.rule for i in store.incidents(owner="alice", limit=1)] == ["output"]
     assert store.incidents("ev-1")[1] == first and first.evidence == {"dest": "1.1.1.1:443"}
     with pytest.raises(NotFoundError, match="ev-9"):
         store.add_incident("ev-9", rule="r", severity="low", action="log", evidence={})

@@ -448,11 +448,14 @@ class StateStore:
             new_id = conn.execute(insert(I).values(**row)).inserted_primary_key[0]
         return Incident(id=new_id, **row)
 
-    def incidents(self, eval_id: str | None = None, limit: int = 100) -> list[Incident]:
-        """Incidents, newest first, of one evaluation or of all."""
+    def incidents(self, eval_id: str | None = None, limit: int = 100, owner: str | None = None) -> list[Incident]:
+        """Incidents, newest first, of one evaluation or of all (of `owner`'s evaluations only,
+        if given)."""
         q = select(I).order_by(I.c.created_at.desc(), I.c.id.desc()).limit(limit)
         if eval_id is not None:
             q = q.where(I.c.eval_id == eval_id)
+        if owner is not None:
+            q = q.where(I.c.eval_id.in_(select(E.c.id).where(E.c.owner == owner)))
         with self._tx() as conn:
             return [Incident.from_row(r) for r in conn.execute(q).all()]
 
