@@ -106,7 +106,7 @@ class SafetyPolicy(_Model):
 _BUILTIN: list[tuple[str, list[RuleSource], str, str, str]] = [
     # name, sources, pattern, action under `standard`, description
     ("exfiltration", ["command", "generation", "log"],
-     r"(?i)\b(curl|wget|nc|ncat|netcat|socat|scp|sftp|rsync|ssh|telnet|ftp)\b[^\n]*?(https?://|\d{1,3}(\.\d{1,3}){3}|@[\w.-]+:)"
+     r"(?i)\b(curl|wget|nc|ncat|netcat|socat|scp|sftp|rsync|ssh|telnet|ftp)\b[^\n]{0,200}?(https?://|\d{1,3}(\.\d{1,3}){3}|@[\w.-]+:)"
      r"|/dev/(tcp|udp)/",
      "stop", "sending data out of the sandbox"),
     ("disable-monitoring", ["command", "generation"],

@@ -27,6 +27,7 @@ log = logging.getLogger("proctor.safety")
 
 MAX_INTERVAL_S = 1.0
 MONITOR_TIMEOUT_S = 2.0
+SWEEP_TIMEOUT_S = 30.0  # the end-of-shard sweep reads the rest of a record, perhaps tens of MiB
 SILENT_ROUNDS = 3
 MAX_KEPT = 100
 
@@ -129,7 +130,8 @@ class SafetyGuard:
         for monitor in self.monitors:
             if getattr(monitor, "sweeps", False):
                 try:
-                    found = await asyncio.wait_for(monitor.check(), MONITOR_TIMEOUT_S)
+                    drain = getattr(monitor, "drain", monitor.check)  # the whole rest, where it can
+                    found = await asyncio.wait_for(drain(), SWEEP_TIMEOUT_S)
                 except Exception as exc:  # the record could not be read: say so, fail closed
                     found = [Violation("watchdog", monitor.name, "stop", f"monitor {monitor.name} failed at the "
                                        "end of the shard", (f"{type(exc).__name__}: {exc}",))]

@@ -14,6 +14,7 @@ names) comes from inside: it is parsed defensively and quoted bounded.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,11 +23,16 @@ from proctor.policy import Action
 from .monitors import Monitor
 from .violations import Violation
 
-ENTRY = re.compile(r"\]\s+\[\s*(\d+):\s*(\d+)\]\s+(\S+)\s+E\s+(\w+)\((.*)$")
+HEAD = re.compile(r"\]\s+\[\s*(\d+):\s*(\d+)\]")
+CALL = re.compile(r"\sE\s(\w+)\(")
+COMM_MAX = 16  # a task's name, chosen by the sandbox: up to 15 bytes of anything but NUL
+GLOG = re.compile(r"[IWEDF]\d{4} \d\d:\d\d:\d\d")  # how runsc's log lines begin (no name is that long)
 OPEN_PATH = re.compile(r"0x[0-9a-f]+\s+([^,\s][^,]*),\s*([A-Z_|]+)")
 NET_FAMILIES = ("AF_INET", "AF_INET6", "AF_PACKET")
 WRITABLE = ("/workspace", "/tmp", "/dev/null", "/dev/tty", "/dev/pts")
 READ_CHUNK = 4 * 1024**2
+MAX_BACKLOG = 256 * 1024**2  # unread log beyond this while it runs: the sandbox outruns the monitor
+SWEEP_BYTES = 64 * 1024**2  # what the end-of-shard sweep reads at most
 MAX_PER_RULE = 5  # violations kept per rule (the first is what stops)
 
 
@@ -51,9 +57,14 @@ class SyscallMonitor(Monitor):
             with self.log.open("rb") as f:
                 f.seek(self.offset)
                 data = f.read(READ_CHUNK)
+                backlog = os.fstat(f.fileno()).st_size - self.offset - len(data)
         except FileNotFoundError:
             return []  # the sandbox is still starting
         self.offset += len(data)
+        if backlog > MAX_BACKLOG and self.counts.get("backlog", 0) == 0:
+            self.counts["backlog"] = 1
+            return [Violation("watchdog", self.name, "stop", f"the sandbox's traced calls outran the syscall monitor "
+                              f"({backlog} bytes of trace unread); the shard is stopped rather than left unwatched")]
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()[-65536:]
         found = []
@@ -65,11 +76,42 @@ class SyscallMonitor(Monitor):
         self.lines_read += len(lines)
         return found
 
+    async def drain(self) -> list[Violation]:
+        """Once the sandbox has ended: read the rest of the log (up to `SWEEP_BYTES`; more
+        left than that stops the shard, since what it did last would go unread)."""
+        found: list[Violation] = []
+        start = self.offset
+        while True:
+            before = self.offset
+            found += await self.check()
+            if self.offset - before < READ_CHUNK:
+                return found
+            if self.offset - start >= SWEEP_BYTES:
+                found.append(Violation("watchdog", self.name, "stop", "the trace log held more than "
+                                       f"{SWEEP_BYTES} bytes at the end of the shard; the rest was not read"))
+                return found
+
     def parse(self, line: str) -> Violation | None:
-        m = ENTRY.search(line)
-        if m is None:
-            return None
-        _pid, _tid, comm, call, args = m.groups()
+        """The violation a trace line shows, if any. The task's name before ` E call(` is the
+        sandbox's to choose (spaces, "E x(", a newline that starts a new line): every place
+        within a name's length where a call could begin is judged, so that no name hides the
+        call that follows it."""
+        head = HEAD.search(line)
+        if head is not None:
+            start = head.end()
+        elif GLOG.match(line) is None:  # the rest of a task name that held a newline
+            start, line = 0, " " + line
+        else:
+            return None  # runsc's own log
+        for m in CALL.finditer(line, start):
+            if m.start() > start + COMM_MAX:
+                break
+            v = self._judge(line[start:m.start()].strip(), m.group(1), line[m.end():])
+            if v is not None:
+                return v
+        return None
+
+    def _judge(self, comm: str, call: str, args: str) -> Violation | None:
         quote = f"{comm[:64]}: {call}({args[:400]}"
         if call == "openat":
             return self._open(args, quote)

@@ -54,7 +54,8 @@ def test_a_red_team_sample_is_stopped_quarantined_and_alerted(api: Any, webhook:
     got = client.get(f"/api/v1/evaluations/{eval_id}/quarantine/{sorted(paths)[0]}", headers=auth(tokens["sam"]))
     assert got.status_code == 200 and got.content
     # the alert reached the webhook
-    [alert] = webhook.wait_for(lambda a: a["incident"]["eval_id"] == eval_id and a["incident"]["action"] == "stop")
+    [alert] = webhook.wait_for(lambda a: (a.get("incident") or {}).get("eval_id") == eval_id  # other tests' too
+                               and a["incident"]["action"] == "stop")
     assert alert["type"] == "safety_incident" and alert["incident"]["rule"] == "rules/sandbox-probe"
 
 
@@ -72,4 +73,4 @@ def test_every_red_team_sample_through_the_platform(sample: dict[str, Any], api:
     assert stop["evidence"]["kill_s"] < 1.0
     kept = client.get(f"/api/v1/evaluations/{eval_id}/quarantine", headers=auth(tokens["sam"])).json()["artifacts"]
     assert any(a["path"].endswith("report.json") for a in kept)
-    webhook.wait_for(lambda a: a["incident"]["eval_id"] == eval_id)
+    webhook.wait_for(lambda a: (a.get("incident") or {}).get("eval_id") == eval_id)
