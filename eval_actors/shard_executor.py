@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -571,14 +572,16 @@ def artifact_name_problem(name: Any, patterns: Sequence[str]) -> str | None:
     return None
 
 
-def _glob_forms(pattern: str) -> set[str]:
+@functools.lru_cache(maxsize=256)
+def _glob_forms(pattern: str) -> frozenset[str]:
     """`pattern` as fnmatch patterns that together match what `Path.glob` matches with it
-    (fnmatch's `*` crosses folders; glob's `**/` may also stand for no folder at all)."""
+    (fnmatch's `*` crosses folders; glob's `**/` may also stand for no folder at all).
+    Cached: every artifact event (each inline piece) is checked against the spec's patterns."""
     forms = {pattern}
     while True:
         more = {f.replace("/**/", "/", 1) for f in forms} | {f[3:] for f in forms if f.startswith("**/")}
         if more <= forms:
-            return forms
+            return frozenset(forms)
         forms |= more
 
 
@@ -607,7 +610,7 @@ def _keep_artifact(run: _Run, rel: Path, named: str, data: bytes) -> None:
             run.rejections.append(Rejection(f"artifact {named!r} clashes with the artifact {kept!r}", "", 0))
             return
     run.artifact_bytes += len(data)
-    run.artifacts.append((str(rel), data))
+    run.artifacts.append((path, data))
 
 
 def _make_workspace(path: Path, files: dict[str, str]) -> None:

@@ -51,6 +51,7 @@ class SyscallMonitor(Monitor):
         self.partial = b""
         self.counts: dict[str, int] = {}
         self.lines_read = 0
+        self.outrun = False  # the log grew past MAX_BACKLOG unread (said once)
 
     async def check(self) -> list[Violation]:
         try:
@@ -61,8 +62,8 @@ class SyscallMonitor(Monitor):
         except FileNotFoundError:
             return []  # the sandbox is still starting
         self.offset += len(data)
-        if backlog > MAX_BACKLOG and self.counts.get("backlog", 0) == 0:
-            self.counts["backlog"] = 1
+        if backlog > MAX_BACKLOG and not self.outrun:
+            self.outrun = True
             return [Violation("watchdog", self.name, "stop", f"the sandbox's traced calls outran the syscall monitor "
                               f"({backlog} bytes of trace unread); the shard is stopped rather than left unwatched")]
         lines = (self.partial + data).split(b"\n")
