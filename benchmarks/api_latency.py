@@ -1,13 +1,23 @@
-"""API throughput and latency through Ray Serve against the same FastAPI app on plain uvicorn.
+"""API throughput and latency through Ray Serve's ingress modes against the same FastAPI app on plain uvicorn.
 
 Two endpoints, each at 1, 10 and 50 concurrent clients (--clients), each against two servers
 of the same `serve_app.api.build_app(settings)`, in the same run:
 
-  serve    the Serve application `proctor up` deploys (`serve_app.deployment`, one replica):
-           HTTP -> Serve's proxy actor -> Ray actor call -> the replica, which runs the app;
+  serve    the Serve application `proctor up` deploys (`serve_app.deployment`, one replica),
+           reached through one of Serve's ingress modes (`serve_app/ingress.py`, --modes):
+             proxy    HTTP -> Serve's Python proxy actor -> Ray actor call -> the replica;
+             direct   HTTP -> the replica's own HTTP server, on the port Serve gave it
+                      (RAY_SERVE_ENABLE_DIRECT_INGRESS; the client asks the controller);
+             haproxy  HTTP -> HAProxy on the API port -> the replica's own HTTP server
+                      (RAY_SERVE_ENABLE_HA_PROXY, Debian's haproxy; what `proctor up` runs);
   uvicorn  one plain `uvicorn.Server` (one worker, uvloop and httptools as uvicorn picks
            them) in a process of its own that joined the same Ray instance as a driver,
            so the app reaches the same control plane (`ray.get_actor`).
+
+Serve reads its ingress flags when its modules load, in every process of the Ray
+instance: each mode runs in a process of its own (this script again, `--modes <one>`),
+with its own Ray instance and its own uvicorn baseline measured beside it, and the report
+gathers them.
 
   GET  /api/v1/evaluations/{id}  a finished one-sample evaluation: the bearer key checked
                                  (one SQLite read), the evaluation read (one SQLite read),
@@ -50,12 +60,12 @@ Serve's proxy, replica and controller; the scheduler actor; Ray's GCS and raylet
 generator; and the share of all host CPUs busy, with the load average before and after,
 which tells whether other work shared the machine.
 
-Prints req/s, p50, p99 and errors per (endpoint, clients, server), then the ratio
-serve/uvicorn of req/s (goal >= 0.5) and whether Serve's p99 at 50 clients is under
-100 ms. --json prints one JSON document on stdout instead (progress goes to stderr).
+Prints req/s, p50, p99 and errors per (mode, endpoint, clients, server), then per mode
+the ratio serve/uvicorn of req/s (goal >= 0.5) and whether Serve's p99 at 10 clients is
+under 100 ms. --json prints one JSON document on stdout instead (progress goes to stderr).
 
-    .venv/bin/python benchmarks/api_latency.py [--duration 10] [--warmup 2] [--clients 1,10,50]
-        [--endpoints get,post] [--client raw|httpx] [--cpus N] [--json]
+    .venv/bin/python benchmarks/api_latency.py [--modes proxy,direct,haproxy] [--duration 10]
+        [--warmup 2] [--clients 1,10,50] [--endpoints get,post] [--client raw|httpx] [--cpus N] [--json]
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,11 +85,14 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from procstat import cpu_seconds
+from procstat import children, cpu_seconds
+from pyspy import hottest, py_spy
+
+from serve_app.ingress import MODES  # light: no Ray
 
 GOAL_RATIO = 0.5
 GOAL_P99_MS = 100.0
-GOAL_AT = 50
+GOAL_AT = 10
 TOKEN_USER = "bench"
 
 
@@ -277,12 +291,21 @@ def watched_pids(uvicorn_pid: int, loadgen_pid: int) -> dict[str, list[int]]:
 
     from eval_actors.control_plane import SCHEDULER
 
-    return {"uvicorn": [uvicorn_pid], "serve proxy": named("SERVE_PROXY_ACTOR"),
+    proxies = named("SERVE_PROXY_ACTOR")  # Serve's proxies, or the HAProxy managers
+    return {"uvicorn": [uvicorn_pid], "serve proxy": proxies,
+            "haproxy": [c for p in proxies for c in children(p) if _comm(c) == "haproxy"],
             "serve replica": named("SERVE_REPLICA"), "serve controller": named("SERVE_CONTROLLER_ACTOR"),
             "scheduler": named(SCHEDULER),
             "ray gcs+raylet": [node.all_processes["gcs_server"][0].process.pid,
                                node.all_processes["raylet"][0].process.pid],
             "client": [loadgen_pid]}
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def cpu_snapshot(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -311,11 +334,21 @@ def make_job(endpoint: str, port: int, secret: str, target: str, clients: int, a
             "duration": args.duration, "client": args.client}
 
 
-def measure(conn: Any, job: dict[str, Any], pids: dict[str, list[int]]) -> dict[str, Any]:
+def measure(conn: Any, job: dict[str, Any], pids: dict[str, list[int]], profile: Path | None = None) -> dict[str, Any]:
+    """One cell; with `profile` (a file), py-spy samples the process that answers (the
+    Serve replica, or uvicorn) over the whole cell."""
     before, busy0 = cpu_snapshot(pids), host_busy()
+    spy = None
+    if profile is not None:
+        answering = pids["uvicorn"] if job["server"] == "uvicorn" else pids["serve replica"]
+        spy = py_spy(answering[0], job["warmup"] + job["duration"], profile, rate=200)
     conn.send(job)
     got = conn.recv()
     after, busy1 = cpu_snapshot(pids), host_busy()
+    hot = {}
+    if spy is not None:
+        spy.wait(60)
+        hot = hottest(profile, n=25) if profile.exists() else {}
     lat = sorted(got["latencies"])
     n = max(got["total"], 1)
     return {"rps": len(lat) / job["duration"], "p50_ms": quantile(lat, 0.5) * 1000,
@@ -323,10 +356,16 @@ def measure(conn: Any, job: dict[str, Any], pids: dict[str, list[int]]) -> dict[
             "ok": len(lat), "errors": got["errors"], "first_error": got["first_error"],
             "cpu_ms_per_request": {k: (after[k] - before[k]) * 1000 / n for k in after},
             "client_cpu_ms_per_request": got["client_cpu_s"] * 1000 / n,
-            "host_busy": (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1)}
+            "host_busy": (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1), "profile": hot}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """One ingress mode against uvicorn, on a Ray instance of its own started with that
+    mode's environment (set here, before Ray or Serve is imported)."""
+    from serve_app.ingress import ingress_env, replica_http_ports
+
+    home = Path(tempfile.mkdtemp(prefix="pba-"))  # short: HAProxy's socket paths are under it
+    os.environ.update(ingress_env(mode, stats_port=free_port(), metrics_port=free_port(), folder=home / "haproxy"))
     import ray
     from ray import serve
 
@@ -338,19 +377,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from serve_app.platform import ray_token_auth
 
     load_before = os.getloadavg()[0]
-    home = Path(tempfile.mkdtemp(prefix="proctor-bench-api-"))
     settings = Settings(home=home, results_uri=(home / "results").as_uri(), state_url=f"sqlite:///{home}/state.db",
                         ray_namespace="proctor-bench-api", rate_limit_per_s=0)
     ray_token_auth()
-    ray.init(address="local", num_cpus=args.cpus, namespace=settings.ray_namespace, include_dashboard=False,
-             logging_level="ERROR", log_to_driver=False)
     spawn = multiprocessing.get_context("spawn")
     conn, child = spawn.Pipe()
     loadgen = spawn.Process(target=loadgen_process, args=(child,), daemon=True)
     server = None
     cells: list[dict[str, Any]] = []
     serve_port, uvicorn_port = free_port(), free_port()
-    try:
+    try:  # from Ray's start: a loaded host can time it out, and the folder must still go
+        ray.init(address="local", num_cpus=args.cpus, namespace=settings.ray_namespace, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
         plane = control_plane.start(settings, runtime_factory=SimulateRemoteRuntimes())
         store = StateStore(settings.state)
         store.create_user(TOKEN_USER, "researcher")
@@ -368,6 +406,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server.start()
         loadgen.start()
         wait_ready(f"http://127.0.0.1:{serve_port}")
+        if mode == "direct":  # the replica's own server; Serve's proxy still answers serve_port
+            (serve_port,) = replica_http_ports(APP_NAME)
+            wait_ready(f"http://127.0.0.1:{serve_port}")
         wait_ready(f"http://127.0.0.1:{uvicorn_port}")
         pids = watched_pids(server.pid, loadgen.pid)
         ports = {"serve": serve_port, "uvicorn": uvicorn_port}
@@ -375,9 +416,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for endpoint in args.endpoints:
             for c in args.clients:
                 for name in order:
-                    log(f"  {endpoint.upper():4s} {c:3d} clients  {name:7s} ...")
-                    cell = measure(conn, make_job(endpoint, ports[name], secret, target, c, args), pids)
-                    cell.update(endpoint=endpoint, clients=c, server=name)
+                    log(f"  {mode:7s} {endpoint.upper():4s} {c:3d} clients  {name:7s} ...")
+                    job = make_job(endpoint, ports[name], secret, target, c, args) | {"server": name}
+                    spied = args.py_spy / f"{mode}-{name}-{endpoint}-{c}.txt" if args.py_spy else None
+                    cell = measure(conn, job, pids, spied)
+                    cell.update(mode=mode, endpoint=endpoint, clients=c, server=name)
                     cells.append(cell)
                     log(f"      {cell['rps']:8.1f} req/s  p50 {cell['p50_ms']:7.1f} ms  p99 {cell['p99_ms']:7.1f} ms"
                         f"  errors {cell['errors']}  host busy {cell['host_busy']:.0%}")
@@ -392,27 +435,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.join(timeout=15)
             if server.is_alive():
                 server.kill()
-        try:
-            serve.shutdown()
-        except Exception:  # Serve never started
-            pass
-        control_plane.stop(settings)
-        ray.shutdown()
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            except Exception:  # Serve never started
+                pass
+            control_plane.stop(settings)
+            ray.shutdown()
         shutil.rmtree(home, ignore_errors=True)
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host_cpus": os.cpu_count(),
-            "ray_cpus": args.cpus, "client": args.client, "duration_s": args.duration, "warmup_s": args.warmup,
+            "modes": [mode], "ray_cpus": args.cpus, "client": args.client, "duration_s": args.duration, "warmup_s": args.warmup,
             "load_before": load_before, "load_after": os.getloadavg()[0],
             "queued_after": status.get("queued_shards"), "cells": cells, "ratios": ratios(cells)}
 
 
 def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by = {(c["endpoint"], c["clients"], c["server"]): c for c in cells}
+    """serve/uvicorn per (mode, endpoint, clients), each mode against the uvicorn run beside it."""
+    by = {(c["mode"], c["endpoint"], c["clients"], c["server"]): c for c in cells}
     out = []
-    for (endpoint, clients, server), s in by.items():
-        u = by.get((endpoint, clients, "uvicorn"))
+    for (mode, endpoint, clients, server), s in by.items():
+        u = by.get((mode, endpoint, clients, "uvicorn"))
         if server != "serve" or u is None:
             continue
-        out.append({"endpoint": endpoint, "clients": clients,
+        out.append({"mode": mode, "endpoint": endpoint, "clients": clients, "serve_p99_ms": s["p99_ms"],
                     "throughput_serve_over_uvicorn": s["rps"] / u["rps"] if u["rps"] else float("nan"),
                     "p99_serve_over_uvicorn": s["p99_ms"] / u["p99_ms"] if u["p99_ms"] else float("nan"),
                     "throughput_goal_met": bool(u["rps"]) and s["rps"] / u["rps"] >= GOAL_RATIO,
@@ -420,30 +465,68 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def serve_cpu(c: dict[str, Any]) -> str:
+    cpu = c["cpu_ms_per_request"]
+    if c["server"] == "uvicorn":
+        return f"uvicorn {cpu['uvicorn']:.2f}"
+    front = {"proxy": f"proxy {cpu['serve proxy']:.2f}", "direct": "(no proxy)",
+             "haproxy": f"haproxy {cpu['haproxy']:.2f} (+ manager {cpu['serve proxy']:.2f})"}[c["mode"]]
+    return f"{front} + replica {cpu['serve replica']:.2f} (+ controller {cpu['serve controller']:.2f})"
+
+
 def report(result: dict[str, Any]) -> None:
-    print(f"API latency, {result['date']}: {result['host_cpus']} host CPUs ({result['ray_cpus']} declared to Ray), "
-          f"client {result['client']}, {result['warmup_s']:g} s warm-up + {result['duration_s']:g} s measured per "
-          f"cell; load average {result['load_before']:.1f} before, {result['load_after']:.1f} after; "
-          f"POSTed evaluations stay queued (1 x H100 on a cluster without GPUs): {result['queued_after']} at the end")
-    print(f"{'endpoint':9s} {'clients':>7s} {'server':8s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s}  "
-          f"{'host':>4s}  CPU ms per request")
+    for run_ in result["runs"]:
+        print(f"API latency, mode {run_['modes'][0]}, {run_['date']}: {run_['host_cpus']} host CPUs "
+              f"({run_['ray_cpus']} declared to Ray), client {run_['client']}, {run_['warmup_s']:g} s warm-up + "
+              f"{run_['duration_s']:g} s measured per cell; load average {run_['load_before']:.1f} before, "
+              f"{run_['load_after']:.1f} after; POSTed evaluations stay queued (1 x H100 on a cluster without "
+              f"GPUs): {run_['queued_after']} at the end")
+    print(f"{'mode':8s} {'endpoint':9s} {'clients':>7s} {'server':8s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
+          f"{'errors':>6s}  {'host':>4s}  CPU ms per request")
     for c in result["cells"]:
         cpu = c["cpu_ms_per_request"]
-        server = (f"uvicorn {cpu['uvicorn']:.2f}" if c["server"] == "uvicorn" else
-                  f"proxy {cpu['serve proxy']:.2f} + replica {cpu['serve replica']:.2f}"
-                  f" (+ controller {cpu['serve controller']:.2f})")
-        print(f"{c['endpoint'].upper():9s} {c['clients']:7d} {c['server']:8s} {c['rps']:8.1f} {c['p50_ms']:8.1f} "
-              f"{c['p99_ms']:8.1f} {c['errors']:6d}  {c['host_busy']:4.0%}  {server}; scheduler "
-              f"{cpu['scheduler']:.2f}, ray {cpu['ray gcs+raylet']:.2f}, client {c['client_cpu_ms_per_request']:.2f}"
-              + (f"   first error: {c['first_error']}" if c["errors"] else ""))
+        print(f"{c['mode']:8s} {c['endpoint'].upper():9s} {c['clients']:7d} {c['server']:8s} {c['rps']:8.1f} "
+              f"{c['p50_ms']:8.1f} {c['p99_ms']:8.1f} {c['errors']:6d}  {c['host_busy']:4.0%}  {serve_cpu(c)}; "
+              f"scheduler {cpu['scheduler']:.2f}, ray {cpu['ray gcs+raylet']:.2f}, client "
+              f"{c['client_cpu_ms_per_request']:.2f}" + (f"   first error: {c['first_error']}" if c["errors"] else ""))
+    for c in result["cells"]:
+        if c.get("profile"):
+            cpu = c["cpu_ms_per_request"]["uvicorn" if c["server"] == "uvicorn" else "serve replica"]
+            print(f"py-spy, {c['mode']} {c['endpoint'].upper()} {c['clients']} clients, {c['server']} "
+                  f"({cpu:.2f} ms CPU per request, {c['profile']['samples'][0][1]:.0f} samples at 200 Hz), "
+                  "inclusive, as ms per request:")
+            print("  " + "; ".join(f"{fn} {share * cpu:.2f}" for fn, share in c["profile"]["all, inclusive"]))
+            print("  self: " + "; ".join(f"{fn} {share * cpu:.2f}" for fn, share in c["profile"]["self"]))
     for r in result["ratios"]:
-        p99 = next(c["p99_ms"] for c in result["cells"]
-                   if (c["endpoint"], c["clients"], c["server"]) == (r["endpoint"], r["clients"], "serve"))
         goal = ("" if r["p99_goal_met"] is None else
-                f";  serve p99 {p99:.1f} ms {'<' if r['p99_goal_met'] else '>='} {GOAL_P99_MS:g} ms")
-        print(f"ratio serve/uvicorn {r['endpoint'].upper():4s} {r['clients']:3d} clients: req/s "
+                f";  serve p99 {r['serve_p99_ms']:.1f} ms {'<' if r['p99_goal_met'] else '>='} {GOAL_P99_MS:g} ms")
+        print(f"ratio serve/uvicorn {r['mode']:8s} {r['endpoint'].upper():4s} {r['clients']:3d} clients: req/s "
               f"{r['throughput_serve_over_uvicorn']:.2f} (goal >= {GOAL_RATIO}: "
               f"{'met' if r['throughput_goal_met'] else 'NOT met'}), p99 {r['p99_serve_over_uvicorn']:.2f}{goal}")
+
+
+def run_each(args: argparse.Namespace) -> dict[str, Any]:
+    """Each mode in a process of its own (this script, `--modes <mode> --json`), one after
+    the other; their runs gathered."""
+    same = ["--duration", str(args.duration), "--warmup", str(args.warmup), "--clients",
+            ",".join(map(str, args.clients)), "--endpoints", ",".join(args.endpoints), "--client", args.client,
+            "--cpus", str(args.cpus)] + (["--py-spy", str(args.py_spy)] if args.py_spy else [])
+    runs, cells = [], []
+    for mode in args.modes:
+        log(f"mode {mode}: a Ray instance of its own")
+        done = subprocess.run([sys.executable, __file__, *same, "--modes", mode, "--json"], stdout=subprocess.PIPE,
+                              text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"mode {mode}: the run exited with code {done.returncode} (its log is above)")
+        one = json.loads(done.stdout)
+        runs, cells = runs + one["runs"], cells + one["cells"]
+    return {"runs": runs, "cells": cells, "ratios": ratios(cells)}
+
+
+def gather(run_: dict[str, Any]) -> dict[str, Any]:
+    """One mode's run as the report takes it."""
+    cells = run_.pop("cells")
+    return {"runs": [run_], "cells": cells, "ratios": ratios(cells)}
 
 
 def strict(value: Any) -> Any:
@@ -467,19 +550,35 @@ def main() -> None:
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="raw: HTTP/1.1 over asyncio streams; httpx: httpx.AsyncClient")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs declared to Ray")
+    ap.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
+                    help="Serve's ingress modes to measure, comma-separated: proxy, direct, haproxy")
+    ap.add_argument("--py-spy", type=Path, metavar="DIR", help="profile the answering process of every cell "
+                    "(py-spy, 200 Hz), keep the collapsed stacks in DIR and print where its CPU goes, per request")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
     args = ap.parse_args()
+    if args.py_spy:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+        args.py_spy = args.py_spy.resolve()
     if set(args.endpoints) - {"get", "post"}:
         ap.error("--endpoints: get, post or both")
-    if args.json:  # Ray and Serve print to stdout too (from threads and processes): only the JSON goes there
+    if not args.modes or set(args.modes) - set(MODES):
+        ap.error(f"--modes: one or more of {', '.join(MODES)}")
+    if len(args.modes) > 1:
+        result = run_each(args)
+    elif args.json:  # Ray and Serve print to stdout too (from threads and processes): only the JSON goes there
         stdout = os.fdopen(os.dup(1), "w")
         sys.stdout.flush()
         os.dup2(2, 1)
-        result = run(args)
+        result = gather(run(args, args.modes[0]))
         stdout.write(json.dumps(strict(result), indent=2) + "\n")
         stdout.close()
+        return
     else:
-        report(run(args))
+        result = gather(run(args, args.modes[0]))
+    if args.json:
+        print(json.dumps(strict(result), indent=2))
+    else:
+        report(result)
 
 
 if __name__ == "__main__":

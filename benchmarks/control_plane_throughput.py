@@ -18,8 +18,13 @@ Both sides are warmed up first (one sandbox each way). With --repeats > 1 the tw
 measured alternately and the medians are reported. Prints evaluations/s for both and
 the ratio control_plane/direct (goal >= 0.8).
 
+With --tracing the two sides are instead the control plane with tracing off (the
+baseline) and a second control plane on the same Ray instance with tracing on, exporting
+every span over OTLP/HTTP to a real receiver in this process (tests/otlpreceiver.py);
+alternated, medians; prints both rates and the overhead of tracing (goal < 3%).
+
     .venv/bin/python benchmarks/control_plane_throughput.py [--evals 40] [--repeats 1]
-        [--cpus N] [--supervisors 2] [--platform ptrace]
+        [--cpus N] [--supervisors 2] [--platform ptrace] [--tracing]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import asyncio
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -131,8 +137,11 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs declared to Ray")
     ap.add_argument("--supervisors", type=int, default=2)
     ap.add_argument("--platform", default="ptrace", help="runsc platform of both sides")
+    ap.add_argument("--tracing", action="store_true", help="measure tracing on against off instead")
     args = ap.parse_args()
     GvisorRuntime.check()
+    if args.tracing:
+        return main_tracing(args)
 
     home = Path(tempfile.mkdtemp(prefix="proctor-bench-"))
     home.chmod(0o711)  # the sandbox user must reach its workspace
@@ -195,6 +204,65 @@ def main() -> None:
     if args.repeats > 1:
         print("each run (s): direct " + " ".join(f"{t:.2f}" for t in direct_times)
               + " | control plane " + " ".join(f"{t:.2f}" for t in cp_times))
+
+
+def main_tracing(args: argparse.Namespace) -> None:
+    """The control plane with tracing off against the same with tracing on, alternated."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from otlpreceiver import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    home = Path(tempfile.mkdtemp(prefix="proctor-bench-"))
+    home.chmod(0o711)
+    sides = {}
+    for side, extra in (("off", {}), ("on", {"otel_endpoint": receiver.http_url})):
+        (home / side).mkdir(mode=0o711)
+        sides[side] = Settings(home=home / side, results_uri=(home / side / "results").as_uri(),
+                               state_url=f"sqlite:///{home / side}/state.db", ray_namespace=f"proctor-bench-{side}",
+                               supervisors=args.supervisors, runsc_platform=args.platform, **extra)
+    ray.init(address="local", num_cpus=args.cpus, namespace="proctor-bench", include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    try:
+        planes = {side: control_plane.start(s) for side, s in sides.items()}
+        for side, plane in planes.items():  # warm-up: the actors' imports, workers, runsc's files
+            check(run_control_plane(plane, 2, f"warm-{side}")[2], f"tracing {side} warm-up")
+        for r in range(args.repeats):
+            for side in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                before = ray_cpu()
+                took, _, statuses, _ = run_control_plane(planes[side], args.evals, f"{side}{r}")
+                after = ray_cpu()
+                check(statuses, f"tracing {side}")
+                times[side].append(took)
+                cpu[side].append({k: after[k] - before[k] for k in after})
+        time.sleep(3)  # the last spans leave their processes' batches
+    finally:
+        for s in sides.values():
+            control_plane.stop(s)
+        ray.shutdown()
+        receiver.close()
+        shutil.rmtree(home, ignore_errors=True)
+    traced = {s.trace_id for s in receiver.spans if s.name == "evaluation"}
+    n, runs = args.evals, args.repeats
+    if len(traced) < n * runs:
+        raise SystemExit(f"only {len(traced)} of {n * runs + 2} traced evaluations reached the receiver")
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    print(f"{n} one-sample evaluations per run (reference model, gvisor {args.platform}), {runs} run(s) of each "
+          f"side alternated, {os.cpu_count()} host CPUs, {args.supervisors} supervisors, medians")
+    print(f"tracing off  {off:7.2f} s  {n / off:6.2f} evaluations/s")
+    print(f"tracing on   {on:7.2f} s  {n / on:6.2f} evaluations/s   ({len(receiver.spans) / len(traced):.1f} spans "
+          f"per evaluation exported over OTLP/HTTP, {len(traced)} traces)")
+    print(f"overhead of tracing: {(on - off) / off * 100:+.1f}% wall time  (goal < 3%)")
+    kinds = [k for k in cpu["off"][0] if k != "driver"]  # the driver also runs the receiver (the collector's work)
+    c_off, c_on = (statistics.median(sum(c[k] for k in kinds) for c in cpu[side]) / n for side in ("off", "on"))
+    print(f"CPU seconds per evaluation of Ray's and the control plane's processes ({', '.join(kinds)}; not the "
+          f"sandboxes, not the receiver): off {c_off:.3f}, on {c_on:.3f} ({(c_on - c_off) / c_off * 100:+.1f}%)")
+    for k in cpu["off"][0]:
+        print(f"  {k}: off {statistics.median(c[k] for c in cpu['off']) / n:.4f}, "
+              f"on {statistics.median(c[k] for c in cpu['on']) / n:.4f}")
+    print("each run (s): off " + " ".join(f"{t:.2f}" for t in times["off"])
+          + " | on " + " ".join(f"{t:.2f}" for t in times["on"]))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from procstat import cpu_seconds
+from pyspy import hottest, py_spy
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -449,41 +450,6 @@ def live_fn_indices(url: str) -> set[int]:
     config = httpx.get(f"{url}/config", timeout=10).json()
     block = {c["id"] for c in config["components"] if (c.get("props") or {}).get("elem_id") == "pr-live-html"}
     return {i for i, d in enumerate(config["dependencies"]) if block & set(d["outputs"])}
-
-
-def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(exe).exists():
-        log("  py-spy is not installed: no profile")
-        return None
-    return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "--format", "raw",
-                             "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-PROJECT = ("ui/", "proctor/", "serve_app/", "cluster/", "eval_actors/")
-
-
-def hottest(path: Path, n: int = 10) -> dict[str, list[tuple[str, float]]]:
-    """From py-spy's collapsed stacks: the leaf functions (self), and the project's
-    functions by inclusive share of the samples."""
-    total, leaf, mine = 0, Counter(), Counter()
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        c = int(count)
-        total += c
-        frames = []
-        for frame in stack.split(";"):
-            if not frame.startswith(("process ", "thread ")):
-                fn, _, where = frame.partition(" (")
-                frames.append((fn, where.rsplit(":", 1)[0]))
-        if frames:
-            fn, where = frames[-1]
-            leaf[f"{fn} ({'/'.join(where.split('/')[-2:])})"] += c
-        for name in {f"{fn} ({where.removeprefix(str(ROOT) + '/')})" for fn, where in frames
-                     if "/lib/python" not in where and any(f"/{d}" in f"/{where}" for d in PROJECT)}:
-            mine[name] += c
-    share = lambda cnt: [(k, v / total) for k, v in cnt.most_common(n)] if total else []  # noqa: E731
-    return {"self": share(leaf), "project, inclusive": share(mine), "samples": [("samples", float(total))]}
 
 
 TRACE_CATEGORIES = ["devtools.timeline", "v8.execute", "blink", "disabled-by-default-devtools.timeline"]

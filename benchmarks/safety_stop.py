@@ -15,9 +15,12 @@ evaluation driver (`run_evaluation`: the shard executor with its safety guard):
                  them off (`monitored=False`, the baseline only), alternating, --repeats
                  times; medians of wall time.
 
-Goals: p99 stop latency under 1 s; overhead under 10%.
+  under load   — with --burners N, the stop latency again with N busy processes
+                 (`python -c 'while 1: pass'`) beside it: 6 saturate a 2-core host 3x.
 
-    .venv/bin/python benchmarks/safety_stop.py [--rounds 5] [--repeats 5] [--json]
+Goals: p99 stop latency under 1 s (idle and saturated); overhead under 10%.
+
+    .venv/bin/python benchmarks/safety_stop.py [--rounds 5] [--repeats 5] [--burners 6] [--json]
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ import yaml
 
 from cluster.runtimes import GvisorRuntime
 from eval_actors.local_run import run_evaluation
+from localrun import gvisor_folder
 from proctor.settings import Settings
 from proctor.spec import load_spec, parse_spec
 
@@ -57,14 +62,14 @@ async def stop_latency(settings: Settings, runtime: GvisorRuntime, rounds: int) 
             result = await run_evaluation(spec, settings, runtime=runtime)
             runs += 1
             [outcome] = result.outcomes
-            stop = (outcome.safety or {}).get("stopped_by") or {}
+            stop = outcome.safety.stopped_by or {}
             if outcome.status == "safety_stopped" and f"{stop.get('monitor')}/{stop.get('rule')}" == \
                     sample["metadata"]["expect"]:
                 caught += 1
             else:
                 misses.append(f"{sample['id']}: {outcome.status} {stop.get('monitor')}/{stop.get('rule')}")
-            if outcome.safety.get("kill_s") is not None:
-                kills.append(outcome.safety["kill_s"])
+            if outcome.safety.kill_s is not None:
+                kills.append(outcome.safety.kill_s)
     return {"runs": runs, "caught": caught, "misses": misses, "kills": len(kills),
             "p50_ms": 1000 * statistics.median(kills), "p99_ms": 1000 * percentile(kills, 0.99),
             "max_ms": 1000 * max(kills)}
@@ -80,7 +85,7 @@ async def overhead(settings: Settings, runtime: GvisorRuntime, repeats: int) -> 
             for spec in specs:
                 result = await run_evaluation(spec, settings, runtime=runtime, monitored=monitored)
                 assert result.status == "succeeded", result.summary
-                incidents += sum(len(o.safety.get("violations", [])) for o in result.outcomes)
+                incidents += sum(len(o.safety.violations) for o in result.outcomes)
             times[monitored].append(time.perf_counter() - t0)
     on, off = statistics.median(times[True]), statistics.median(times[False])
     return {"on_s": on, "off_s": off, "overhead": on / off - 1, "benign_incidents": incidents,
@@ -91,23 +96,33 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--burners", type=int, default=0, help="also measure the stop with N busy processes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="proctor-bench-", dir="/var/lib/proctor" if Path("/var/lib/proctor").is_dir()
-                                 else None))
-    root.chmod(0o755)
-    settings = Settings(home=root, results_uri=(root / "results").as_uri())
-    runtime = GvisorRuntime(root / "gvisor")
-    await run_evaluation(load_spec(EXAMPLES / "arithmetic.yaml"), settings, runtime=runtime)  # warm up
-    stops = await stop_latency(settings, runtime, args.rounds)
-    cost = await overhead(settings, runtime, args.repeats)
+    with gvisor_folder() as (settings, runtime):
+        await run_evaluation(load_spec(EXAMPLES / "arithmetic.yaml"), settings, runtime=runtime)  # warm up
+        stops = await stop_latency(settings, runtime, args.rounds)
+        loaded = None
+        if args.burners:
+            burners = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(args.burners)]
+            try:
+                loaded = await stop_latency(settings, runtime, args.rounds)
+            finally:
+                for burner in burners:
+                    burner.kill()
+                    burner.wait()
+        cost = await overhead(settings, runtime, args.repeats)
     if args.json:
-        print(json.dumps({"stop": stops, "overhead": cost}, indent=2))
+        print(json.dumps({"stop": stops, "stop_saturated": loaded, "overhead": cost}, indent=2))
         return
     print(f"red-team runs: {stops['runs']}, contained and stopped by the expected rule: {stops['caught']}"
           + (f"  (misses: {'; '.join(stops['misses'])})" if stops["misses"] else ""))
     print(f"violation -> sandbox dead over {stops['kills']} stops: p50 {stops['p50_ms']:.1f} ms, "
           f"p99 {stops['p99_ms']:.1f} ms, max {stops['max_ms']:.1f} ms   (goal: p99 < 1000 ms)")
+    if loaded is not None:
+        print(f"  with {args.burners} busy processes: caught {loaded['caught']} of {loaded['runs']}, "
+              f"p50 {loaded['p50_ms']:.1f} ms, p99 {loaded['p99_ms']:.1f} ms, max {loaded['max_ms']:.1f} ms, "
+              f"ratio p99 saturated/idle {loaded['p99_ms'] / stops['p99_ms']:.1f}x")
     print(f"benign suites (arithmetic + agentic-files), median of {cost['repeats']}: monitors on {cost['on_s']:.2f} s, "
           f"off {cost['off_s']:.2f} s -> overhead {cost['overhead']:+.1%}   (goal < 10%); "
           f"violations on the benign suites: {cost['benign_incidents']}")

@@ -38,9 +38,9 @@ import pyarrow.parquet as pq
 
 from proctor.settings import Settings
 
-from .results import (RESULTS_SCHEMA, PartFile, ResultsStore, SampleRecord, conform, deduplicate, records_table,
+from .results import (PART_RE, RESULTS_SCHEMA, PartFile, ResultsStore, SampleRecord, conform, deduplicate, records_table,
                       rows_to_keep, with_attempt, write_parquet)
-from .storage import StorageError, filesystem, is_s3, join, storage_errors
+from .storage import StorageError, filesystem, is_s3, join, retried, storage_errors
 
 __all__ = ["AggregationError", "Aggregator", "Compaction", "FlushPolicy", "PartWritten", "ShardBuffer",
            "WriteJob", "compact", "run_jobs", "write_part"]
@@ -129,8 +129,9 @@ class ShardBuffer:
 
     eval_id: str
     shard_id: str
-    attempt: int
+    attempt: int  # names and orders the parts
     next_seq: int = 0
+    row_attempt: int | None = None  # the rows' `attempt` column; `attempt` if None
     chunks: list[Rows] = field(default_factory=list)
     rows: int = 0
     bytes: int = 0
@@ -159,7 +160,8 @@ class ShardBuffer:
             return None
         tables = [c if isinstance(c, pa.Table) else records_table(c, scorer_names) for c in self.chunks]
         # one chunk per column: a table of many small chunks is slow to ship to a Ray task
-        table = deduplicate(with_attempt(pa.concat_tables(tables).combine_chunks(), self.attempt))
+        row_attempt = self.attempt if self.row_attempt is None else self.row_attempt
+        table = deduplicate(with_attempt(pa.concat_tables(tables).combine_chunks(), row_attempt))
         job = WriteJob(uri(self.next_seq), table, self.eval_id, self.shard_id, self.attempt, self.next_seq, reason)
         self.next_seq += 1
         self.chunks, self.rows, self.bytes, self.first_at = [], 0, 0, None
@@ -170,6 +172,7 @@ class ShardBuffer:
 class _Evaluation:
     scorer_names: list[str]
     next_seq: dict[tuple[str, int], int]  # from the parts already stored: after a restart
+    seq_floor: int = 0  # the first seq of a (shard, attempt) not in next_seq
     latest: dict[str, int] = field(default_factory=dict)  # shard -> highest attempt seen
     finished: set[tuple[str, int]] = field(default_factory=set)
     issued: dict[tuple[str, int], list[str]] = field(default_factory=dict)
@@ -188,6 +191,8 @@ class Aggregator:
         self._evals: dict[str, _Evaluation] = {}
         self._finished: set[str] = set()  # evaluations past finish_evaluation
         self._buffers: dict[tuple[str, str, int], ShardBuffer] = {}
+        # URIs of parts written but not yet on the store (they wait in an outbox): named like stored ones
+        self.unstored: Callable[[str], list[str]] = lambda eval_id: []
 
     @property
     def buffered_rows(self) -> int:
@@ -201,18 +206,33 @@ class Aggregator:
         """Start taking records for `eval_id`. Parts already stored (a restarted
         aggregator) are listed once, so new parts never reuse their names. Opening an
         open evaluation, or one past `finish_evaluation`, does nothing (late records for
-        it are dropped) unless `reopen`. Raises `StorageError`."""
+        it are dropped) unless `reopen`. With the store away, new parts are numbered from
+        the time in milliseconds: after any a former run wrote. Raises `StorageError`."""
         if eval_id in self._evals or (eval_id in self._finished and not reopen):
             return
         self._finished.discard(eval_id)
         seqs: dict[tuple[str, int], int] = {}
-        for p in self.store.parts(eval_id):
-            if p.shard_id is not None:
-                seqs[(p.shard_id, p.attempt)] = max(seqs.get((p.shard_id, p.attempt), 0), p.seq + 1)
-        self._evals[eval_id] = _Evaluation(list(scorer_names), seqs)
+        floor = 0
+        try:
+            names = [p.uri.rsplit("/", 1)[-1] for p in self.store.parts(eval_id) if p.shard_id is not None]
+        except StorageError as exc:
+            if not exc.transient:
+                raise
+            names, floor = [], int(time.time() * 1000)
+        for name in [*names, *(u.rsplit("/", 1)[-1] for u in self.unstored(eval_id))]:
+            if m := PART_RE.match(name):
+                key = (m["shard"], int(m["attempt"]))
+                seqs[key] = max(seqs.get(key, floor), int(m["seq"]) + 1)
+        self._evals[eval_id] = _Evaluation(list(scorer_names), seqs, floor)
 
-    def add(self, eval_id: str, shard_id: str, attempt: int, records: Iterable[SampleRecord] | pa.Table) -> list[WriteJob]:
+    def add(self, eval_id: str, shard_id: str, attempt: int, records: Iterable[SampleRecord] | pa.Table, *,
+            row_attempt: int | None = None) -> list[WriteJob]:
         """Buffer scored records of one shard's attempt; returns the parts now due.
+
+        `attempt` names and orders the parts; the rows' `attempt` column is `row_attempt`
+        (the shard's attempt as users count it), or `attempt` when not given. A caller
+        that writes one attempt's rows twice (streamed, then complete) gives the two
+        writes different `attempt`s and the same `row_attempt`.
 
         `records` may also be a table in `RESULTS_SCHEMA` (`records_table` of a batch):
         a supervisor that converts its own samples takes that work off the aggregator.
@@ -238,7 +258,8 @@ class Aggregator:
         key = (eval_id, shard_id, attempt)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = ShardBuffer(eval_id, shard_id, attempt, ev.next_seq.get((shard_id, attempt), 0))
+            first_seq = ev.next_seq.get((shard_id, attempt), ev.seq_floor)
+            buf = self._buffers[key] = ShardBuffer(eval_id, shard_id, attempt, first_seq, row_attempt)
         now, jobs, start = self.clock(), [], 0
         if isinstance(records, pa.Table):
             rows = records if records.schema.equals(RESULTS_SCHEMA) else conform(records)
@@ -386,15 +407,14 @@ def compact(store: ResultsStore, eval_id: str, *, target_rows: int = 1_000_000, 
 
 def _read(store: ResultsStore, part: PartFile, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(part.uri, store.settings)
-    with storage_errors("read", part.uri):
-        table = pq.read_table(path, filesystem=fs, schema=RESULTS_SCHEMA, columns=columns)
+    table = retried("read", part.uri, store.settings,
+                    lambda: pq.read_table(path, filesystem=fs, schema=RESULTS_SCHEMA, columns=columns))
     return table if columns else conform(table)
 
 
 def _rows(store: ResultsStore, part: PartFile) -> int:
     fs, path = filesystem(part.uri, store.settings)
-    with storage_errors("read", part.uri):
-        return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    return retried("read", part.uri, store.settings, lambda: pq.ParquetFile(path, filesystem=fs).metadata.num_rows)
 
 
 def _keep_per_file(keys: list[pa.Table]) -> list[np.ndarray | None]:

@@ -42,6 +42,9 @@ partition column, so it is not stored inside the files. Columns:
 | runtime | string | the sandbox runtime (`gvisor`, `bubblewrap`, …) |
 | isolation | string | `strong`, or `weak` for bubblewrap |
 | attempt | int32 | the shard's attempt that wrote the row, 1-based (added within version 1: files written before it read it as null, meaning 1) |
+| failed_stage | string | the stage the sample's error happened in (`setup`, `eval`, `score`, `cleanup`), or null (added within version 1) |
+| stages | map<string, float64> | seconds each stage of the sample took, as the harness measured them (added within version 1) |
+| transcript | string | the Inspect AI `.eval` log holding the sample's transcript, relative to the results root (`cluster/transcripts.py`); read it with `inspect_ai.log.read_eval_log_sample(<root>/<transcript>, sample_id, epoch)`. Null when transcripts were off (added within version 1: files written before it read it as null) |
 
 Version 1 only ever gains nullable columns at the end; renaming, retyping or removing a
 column is version 2.
@@ -54,7 +57,7 @@ import math
 import re
 from itertools import chain
 from operator import attrgetter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +68,8 @@ import pyarrow.parquet as pq
 
 from proctor.settings import Settings
 
-from .storage import (StorageError, delete_files, filesystem, is_s3, join, list_files, move, read_bytes,
-                      storage_errors, write_bytes)
+from .storage import (StorageError, delete_files, filesystem, is_s3, join, list_files, move, read_bytes, retried,
+                      write_bytes)
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -93,7 +96,11 @@ RESULTS_SCHEMA = pa.schema([
     ("runtime", pa.string()),
     ("isolation", pa.string()),
     ("attempt", pa.int32()),
+    ("failed_stage", pa.string()),
+    ("stages", pa.map_(pa.string(), pa.float64())),
+    ("transcript", pa.string()),
 ])
+ADDED_COLUMNS = ("failed_stage", "stages", "transcript")  # nullable columns added within version 1, after attempt
 
 ROW_KEY = ("sample_id", "epoch")
 PART_RE = re.compile(r"^part-(?P<shard>.+)-a(?P<attempt>\d+)-(?P<seq>\d+)\.parquet$")
@@ -122,6 +129,9 @@ class SampleRecord:
     model: str = ""
     runtime: str = ""
     isolation: str = ""
+    failed_stage: str | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+    transcript: str | None = None  # where its transcript is, relative to the results root
 
     def row(self, scorer_order: list[str], attempt: int = 1) -> dict[str, Any]:
         return records_table([self], scorer_order, attempt).to_pylist()[0]
@@ -156,6 +166,7 @@ def records_table(records: Sequence[SampleRecord], scorer_order: list[str], atte
         "score": [first_score(r) for r in records],
         "scores": _map_array(strings("scores"), pa.float64()),
         "answers": _map_array(strings("answers"), pa.string()),
+        "stages": _map_array(strings("stages"), pa.float64()),
         "started_at": pa.array(np.round(started * 1e6).astype(np.int64), mask=~ran),
         "completed_at": pa.array(np.round(completed * 1e6).astype(np.int64), mask=completed == 0),
         "duration_s": pa.array(np.maximum(0.0, completed - started), mask=~ran),
@@ -183,7 +194,11 @@ def _map_array(maps: list[dict[str, Any]], value_type: pa.DataType) -> pa.Array:
 
 
 def conform(table: pa.Table) -> pa.Table:
-    """`table` in `RESULTS_SCHEMA`: files written before `attempt` existed read as attempt 1."""
+    """`table` in `RESULTS_SCHEMA`: files written before `attempt` existed read as attempt 1,
+    and the columns added since as null."""
+    for name in ADDED_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, RESULTS_SCHEMA.field(name).type))
     if "attempt" not in table.column_names:
         table = table.append_column("attempt", pa.array(np.ones(table.num_rows, np.int32)))
     else:
@@ -241,7 +256,8 @@ def write_parquet(table: pa.Table, uri: str, settings: Settings) -> None:
     rename locally; on S3 one upload, which becomes visible only when complete.
     Rewriting the same URI replaces the file. Raises `StorageError`."""
     fs, path = filesystem(uri, settings)
-    with storage_errors("write", uri):
+
+    def writing() -> None:
         if is_s3(uri):
             pq.write_table(table, path, filesystem=fs, compression="zstd")
             return
@@ -251,6 +267,15 @@ def write_parquet(table: pa.Table, uri: str, settings: Settings) -> None:
         pq.write_table(table, tmp, filesystem=fs, compression="zstd")
         fs.move(tmp, path)
 
+    retried("write", uri, settings, writing)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """`table` as the bytes of the Parquet file `write_parquet` writes (for the outbox)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
 
 class ResultsStore:
     """Writes and reads one results root."""
@@ -259,6 +284,9 @@ class ResultsStore:
         self.root_uri = root_uri.rstrip("/")
         self.settings = settings
         self.fs, self.root = filesystem(self.root_uri, settings)
+        # how whole files (artifacts, logs, reports, summaries) are written; the aggregator
+        # puts its outbox in between (`eval_actors/aggregator.py`)
+        self.put: Callable[[str, bytes], None] = lambda uri, data: write_bytes(uri, data, settings)
 
     def eval_uri(self, eval_id: str) -> str:
         return join(self.root_uri, f"eval_id={eval_id}")
@@ -294,14 +322,14 @@ class ResultsStore:
         """Every row of the evaluation, one per (sample_id, epoch) (see the module's doc).
         Raises `StorageError` when the evaluation has no folder or a file is unreadable."""
         path = join(self.root, f"eval_id={eval_id}")
-        with storage_errors("read", self.eval_uri(eval_id)):
-            table = pq.read_table(path, filesystem=self.fs, schema=RESULTS_SCHEMA)
+        table = retried("read", self.eval_uri(eval_id), self.settings,
+                        lambda: pq.read_table(path, filesystem=self.fs, schema=RESULTS_SCHEMA))
         return deduplicate(conform(table))
 
     def write_artifact(self, eval_id: str, shard_id: str, path: str, data: bytes) -> str:
         """Keep one artifact under `_artifacts/` (ignored by Parquet readers). Returns its URI."""
         uri = join(self.eval_uri(eval_id), "_artifacts", shard_id, path)
-        write_bytes(uri, data, self.settings)
+        self.put(uri, data)
         return uri
 
     def artifacts(self, eval_id: str) -> list[tuple[str, int, str]]:
@@ -321,7 +349,7 @@ class ResultsStore:
         """Keep one shard attempt's log lines as JSON lines under `_logs/`. Returns the URI."""
         uri = join(self.eval_uri(eval_id), "_logs", f"{shard_id}-a{attempt}.jsonl")
         data = "".join(json.dumps(line, default=str) + "\n" for line in lines)
-        write_bytes(uri, data.encode(), self.settings)
+        self.put(uri, data.encode())
         return uri
 
     def read_logs(self, eval_id: str) -> list[dict[str, Any]]:
@@ -342,8 +370,7 @@ class ResultsStore:
     def write_resources(self, eval_id: str, shard_id: str, attempt: int, samples: Sequence[dict[str, Any]]) -> str:
         """Keep one shard attempt's resource use over time (the guard's samples) under `_resources/`."""
         uri = join(self.eval_uri(eval_id), "_resources", f"{shard_id}-a{attempt}.json")
-        write_bytes(uri, json.dumps({"shard_id": shard_id, "attempt": attempt, "samples": list(samples)}).encode(),
-                    self.settings)
+        self.put(uri, json.dumps({"shard_id": shard_id, "attempt": attempt, "samples": list(samples)}).encode())
         return uri
 
     def read_resources(self, eval_id: str) -> list[dict[str, Any]]:
@@ -377,19 +404,25 @@ class ResultsStore:
             uri = self.quarantine_uri(eval_id, shard_id, part.uri.rsplit("/", 1)[-1])
             move(part.uri, uri, self.settings)
             moved.append(uri)
-        lost = []
+        return moved + self.quarantine_artifacts(eval_id, shard_id, artifacts, report, "report.json")
+
+    def quarantine_artifacts(self, eval_id: str, shard_id: str, artifacts: Sequence[tuple[str, bytes]],
+                             report: dict[str, Any], report_name: str = "artifacts-report.json") -> list[str]:
+        """Keep artifacts in the quarantine prefix (not published), with a report of why.
+        Idempotent. Returns the quarantined URIs."""
+        moved, lost = [], []
         for path, data in artifacts:
             uri = self.quarantine_uri(eval_id, shard_id, "artifacts", path)
             try:
-                write_bytes(uri, data, self.settings)
+                self.put(uri, data)
             except StorageError as exc:  # the report says so; the rest of the evidence is kept
                 lost.append({"path": path, "error": str(exc)})
                 continue
             moved.append(uri)
         if lost:
             report = {**report, "artifacts_not_kept": lost}
-        write_bytes(self.quarantine_uri(eval_id, shard_id, "report.json"),
-                    json.dumps(report, indent=2, default=str).encode(), self.settings)
+        self.put(self.quarantine_uri(eval_id, shard_id, report_name),
+                 json.dumps(report, indent=2, default=str).encode())
         return moved
 
     def quarantined(self, eval_id: str) -> list[tuple[str, int, str]]:
@@ -399,7 +432,7 @@ class ResultsStore:
 
     def write_summary(self, eval_id: str, summary: dict[str, Any]) -> str:
         uri = join(self.eval_uri(eval_id), "_summary.json")
-        write_bytes(uri, json.dumps(summary, indent=2, default=str).encode(), self.settings)
+        self.put(uri, json.dumps(summary, indent=2, default=str).encode())
         return uri
 
     def read_summary(self, eval_id: str) -> dict[str, Any]:

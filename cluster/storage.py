@@ -3,7 +3,9 @@
 pyarrow ignores the usual S3 endpoint variables, so an S3 filesystem (and the boto3
 client used for batch deletes and presigned URLs) is always built explicitly from
 `Settings`. Errors from pyarrow, boto3 and the store become `StorageError` here, with
-the URI in the message.
+the URI in the message. Every operation on the store retries transient failures (refused,
+reset, timed out, 5xx, throttled) with backoff and jitter for `Settings.store_retry_s`
+(`retried`, `cluster/retry.py`); a store away for longer raises `StoreUnavailableError`.
 
 On S3, deletes go through boto3's `DeleteObjects`: pyarrow's `delete_file` leaves an
 empty directory marker behind, one more object for every reader to skip.
@@ -13,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -24,10 +26,25 @@ import pyarrow.fs as pafs
 
 from proctor.settings import Settings
 
+from .retry import StoreUnavailable, is_transient, retrying
+
+T = TypeVar("T")
+
 
 class StorageError(OSError):
     """A store could not be reached, read or written. Caught by the CLI, the executor and
-    the aggregator, which report it with the URI."""
+    the aggregator, which report it with the URI. `transient`: the store was away or busy
+    (refused, reset, timed out, 5xx, throttled), so the same call may succeed later."""
+
+    transient: bool = False
+
+
+class StoreUnavailableError(StorageError, StoreUnavailable):
+    """A store stayed away through a whole retry window (`Settings.store_retry_s`). The
+    aggregator spills what it was writing to its outbox; others report it as any
+    `StorageError`."""
+
+    transient = True
 
 
 @dataclass(frozen=True)
@@ -48,11 +65,32 @@ def storage_errors(action: str, uri: str) -> Iterator[None]:
     except FileNotFoundError as exc:
         raise StorageError(f"cannot {action} {uri}: not found (no such file, folder or bucket)") from exc
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise StorageError(f"cannot {action} {uri}: {exc}") from exc
+        raise _error(f"cannot {action} {uri}: {exc}", exc) from exc
     except Exception as exc:
         if type(exc).__module__.startswith(("botocore", "boto3")):
-            raise StorageError(f"cannot {action} {uri}: {exc}") from exc
+            raise _error(f"cannot {action} {uri}: {exc}", exc) from exc
         raise
+
+
+def _error(message: str, cause: BaseException) -> StorageError:
+    error = StorageError(message)
+    error.transient = is_transient(cause)
+    return error
+
+
+def retried(action: str, uri: str, settings: Settings, call: Callable[[], T]) -> T:
+    """`call()` under `storage_errors(action, uri)`, again on each transient failure
+    (with backoff and jitter) for up to `settings.store_retry_s`; then raises
+    `StoreUnavailableError`. Other `StorageError`s are raised at once."""
+
+    def once() -> T:
+        with storage_errors(action, uri):
+            return call()
+
+    def unavailable(exc: BaseException, waited: float) -> StorageError:
+        return StoreUnavailableError(f"{exc} (the store did not answer for {waited:.0f}s of retries)")
+
+    return retrying(once, settings.store_retry_s, unavailable=unavailable)
 
 
 def is_s3(uri: str) -> bool:
@@ -91,7 +129,8 @@ def _s3_filesystem(endpoint: str | None, region: str, key: str | None, secret: s
         allow_bucket_creation=False,
         allow_bucket_deletion=False,
         background_writes=True,  # uploads of a part overlap with encoding the next
-        connect_timeout=10,
+        connect_timeout=5,
+        request_timeout=15,  # a stalled connection is an error to retry, not a hang
         **options,
     )
 
@@ -103,7 +142,8 @@ def _s3_client(endpoint: str | None, region: str, key: str | None, secret: str |
 
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=key, aws_secret_access_key=secret,
-        config=Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"},
+        config=Config(signature_version="s3v4", retries={"max_attempts": 1, "mode": "standard"},  # ours: `retried`
+                      connect_timeout=5, read_timeout=15,
                       s3={"addressing_style": "path" if endpoint else "auto"}),  # as pyarrow does
     )
 
@@ -118,11 +158,15 @@ def list_files(uri: str, settings: Settings) -> list[StoredFile]:
     there is none. Raises `StorageError` (e.g. a missing bucket)."""
     fs, path = filesystem(uri, settings)
     base = uri.rstrip("/")
-    with storage_errors("list", uri):
+
+    def listing() -> list[pafs.FileInfo]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         if not infos and is_s3(uri) and fs.get_file_info(path.split("/")[0]).type == pafs.FileType.NotFound:
             raise StorageError(f"cannot list {uri}: bucket {path.split('/')[0]!r} does not exist; create it "
                                "or fix the results URI")
+        return infos
+
+    infos = retried("list", uri, settings, listing)
     return sorted(
         (StoredFile(base + i.path[len(path):], i.size or 0) for i in infos if i.type == pafs.FileType.File),
         key=lambda f: f.uri,
@@ -133,8 +177,8 @@ def delete(uri: str, settings: Settings) -> None:
     """Delete the file or the folder (everything under the prefix) at `uri`. A missing
     one is not an error: deleting is idempotent. Raises `StorageError`."""
     fs, path = filesystem(uri, settings)
+    info = retried("delete", uri, settings, lambda: fs.get_file_info(path))
     with storage_errors("delete", uri):
-        info = fs.get_file_info(path)
         if is_s3(uri):
             if info.type == pafs.FileType.File:
                 delete_files([uri], settings)
@@ -153,7 +197,7 @@ def delete_files(uris: list[str], settings: Settings) -> None:
     for uri in local:
         fs, path = filesystem(uri, settings)
         with storage_errors("delete", uri), contextlib.suppress(FileNotFoundError):
-            fs.delete_file(path)
+            fs.delete_file(path)  # local: nothing transient to retry
     by_bucket: dict[str, list[str]] = {}
     for uri in uris:
         if is_s3(uri):
@@ -164,9 +208,8 @@ def delete_files(uris: list[str], settings: Settings) -> None:
     for bucket, keys in by_bucket.items():
         for i in range(0, len(keys), 1000):
             batch = keys[i : i + 1000]
-            with storage_errors("delete", f"s3://{bucket}/{batch[0]}"):
-                answer = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch],
-                                                                      "Quiet": True})
+            answer = retried("delete", f"s3://{bucket}/{batch[0]}", settings, functools.partial(
+                client.delete_objects, Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}))
             if answer.get("Errors"):
                 err = answer["Errors"][0]
                 raise StorageError(f"cannot delete s3://{bucket}/{err['Key']}: {err.get('Code')}: "
@@ -177,16 +220,26 @@ def move(src_uri: str, dst_uri: str, settings: Settings) -> None:
     """Rename a file (atomic on a local filesystem; a copy and a delete on S3)."""
     fs, src = filesystem(src_uri, settings)
     _, dst = filesystem(dst_uri, settings)
-    with storage_errors("move", f"{src_uri} to {dst_uri}"):
+
+    def moving() -> None:
         if not is_s3(dst_uri):
             fs.create_dir(dst.rpartition("/")[0], recursive=True)
+        elif fs.get_file_info(src).type == pafs.FileType.NotFound and \
+                fs.get_file_info(dst).type == pafs.FileType.File:
+            return  # moved by an attempt whose answer was lost
         fs.move(src, dst)
+
+    retried("move", f"{src_uri} to {dst_uri}", settings, moving)
 
 
 def read_bytes(uri: str, settings: Settings, limit: int = 1024**3) -> bytes:
     fs, path = filesystem(uri, settings)
-    with storage_errors("read", uri), fs.open_input_stream(path) as f:
-        data = f.read(limit + 1)
+
+    def reading() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read(limit + 1)
+
+    data = retried("read", uri, settings, reading)
     if len(data) > limit:
         raise StorageError(f"{uri} is larger than {limit} bytes")
     return data
@@ -195,7 +248,8 @@ def read_bytes(uri: str, settings: Settings, limit: int = 1024**3) -> bytes:
 def write_bytes(uri: str, data: bytes, settings: Settings) -> None:
     """Write a whole file atomically: a temp file and a rename locally, one PUT on S3."""
     fs, path = filesystem(uri, settings)
-    with storage_errors("write", uri):
+
+    def writing() -> None:
         if is_s3(uri):
             with fs.open_output_stream(path) as f:
                 f.write(data)
@@ -206,6 +260,8 @@ def write_bytes(uri: str, data: bytes, settings: Settings) -> None:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, path)
+
+    retried("write", uri, settings, writing)
 
 
 def presigned_url(uri: str, settings: Settings, expires_s: int = 3600) -> str | None:

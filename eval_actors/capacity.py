@@ -13,6 +13,7 @@ starved by fragmentation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ACCEL_PREFIX = "accelerator_type:"
 ACCEL_SLIVER = 0.001
@@ -118,3 +119,18 @@ def can_ever_fit(nodes: list[Node], d: Demand) -> bool:
     """Whether an empty cluster of these nodes could hold `d` at all."""
     empty = [Node(n.node_id, n.cpus, n.memory, n.gpus, n.gpu_type) for n in nodes]
     return any(n.fits(d) for n in empty)
+
+
+def capacity_summary(nodes: list[Node]) -> dict[str, Any]:
+    """Total and free CPUs, memory, and GPUs by type, of `nodes` (as the cluster view shows them)."""
+    gpus: dict[str, dict[str, float]] = {}
+    for n in nodes:
+        if n.gpu_type:
+            g = gpus.setdefault(n.gpu_type, {"total": 0, "free": 0})
+            g["total"] += n.gpus
+            g["free"] += n.free("GPU")
+    return {
+        "cpus": {"total": sum(n.cpus for n in nodes), "free": sum(n.free("CPU") for n in nodes)},
+        "memory": {"total": sum(n.memory for n in nodes), "free": sum(n.free("memory") for n in nodes)},
+        "gpus": gpus,
+    }

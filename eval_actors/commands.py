@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any
 
+from cluster.images import ImageStore, check_spec_images
 from cluster.runtimes import RuntimeUnavailable
 from cluster.storage import StorageError
 from proctor.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_RUNTIME, EXIT_OK, EXIT_STORAGE, print_json
@@ -39,14 +40,21 @@ def _run(args: argparse.Namespace) -> int:
             overrides["runtime"] = args.runtime
         settings = load_settings(**overrides)
         specs = [load_spec(path) for path in args.spec]
+        if args.runtime:
+            specs = [s.model_copy(update={"sandbox": s.sandbox.model_copy(update={"runtime": args.runtime})})
+                     for s in specs]
+        images = ImageStore.from_settings(settings)
+        for path, spec in zip(args.spec, specs):
+            try:
+                check_spec_images(spec, images, settings.runtime)  # before anything runs
+            except SpecError as exc:
+                raise SpecError(exc.errors, path) from None
     except (SpecError, SettingsError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
     results: list[EvaluationResult] = []
     try:
         for path, spec in zip(args.spec, specs):
-            if args.runtime:
-                spec = spec.model_copy(update={"sandbox": spec.sandbox.model_copy(update={"runtime": args.runtime})})
             results.append(asyncio.run(_one(spec, settings, show_progress=not args.json, label=path)))
     except RuntimeUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)

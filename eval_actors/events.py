@@ -7,7 +7,9 @@ number, waiting up to `timeout` for something new. A slow subscriber costs nothi
 anyone else; if it falls further behind than the log keeps, its answer says so (`gap`).
 
 Each event is a dict with `seq` (global, strictly increasing), `ts`, `type`
-(`status`, `progress`, `log`, `incident`, `shard`, ...) and `eval_id` (or None).
+(`status`, `progress`, `log`, `incident`, `shard`, ...), `v` and `eval_id` (or None): one
+of `proctor.bus_events`' shapes, which readers validate (`read_events`). The log stamps
+`seq` and `ts`, and `v` on an event whose publisher did not say its version.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections import OrderedDict, deque
 from typing import Any
 
 import ray
+
+from proctor.bus_events import BUS_VERSION
 
 GLOBAL_KEEP = 50_000
 PER_EVAL_KEEP = 2_000
@@ -36,7 +40,7 @@ class EventLog:
         now = time.time()
         for event in events:
             self.seq += 1
-            event = {**event, "seq": self.seq, "ts": event.get("ts", now)}
+            event = {"v": BUS_VERSION, **event, "seq": self.seq, "ts": event.get("ts", now)}
             self.all.append(event)
             eval_id = event.get("eval_id")
             if eval_id:
@@ -86,7 +90,11 @@ class EventBus:
     """The event log as a Ray actor. Restarting it starts an empty log: events are a
     live view; the state store keeps what must last."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Any = None) -> None:
+        if settings is not None:
+            from proctor.observability import observe_process
+
+            observe_process(settings, "events")
         self.log = EventLog()
         self.changed = asyncio.Condition()
         self.epoch = f"{time.time():.6f}"  # a new epoch tells readers their seq numbers reset

@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.datasets import load_samples
+from cluster.images import ImageStore, check_spec_images
 from cluster.results import ResultsStore, records_table, summarize
 from cluster.runtimes import SandboxRuntime, select_runtime
+from cluster.transcripts import TranscriptStore
 from proctor.settings import Settings
-from proctor.spec import EvaluationSpec, Sample
+from proctor.spec import EvaluationSpec, Sample, SpecError
 
 from .gateway import ModelGateway, OpenAIGateway
-from .shard_executor import ShardExecutor, ShardOutcome, ShardWork
+from .shard_executor import ShardExecutor
+from .shard_work import ShardOutcome, ShardWork
 
 log = logging.getLogger("proctor.local")
 
@@ -71,7 +74,10 @@ async def run_evaluation(
     monitored: bool = True,
 ) -> EvaluationResult:
     """Run `spec` to completion. Raises `RuntimeUnavailable` (no sandbox: nothing runs),
-    `SpecError` (bad dataset rows) and `StorageError`; a failing shard is an outcome."""
+    `SpecError` (bad dataset rows, an image not in the store) and `StorageError`; a failing
+    shard is an outcome."""
+    images = ImageStore.from_settings(settings)
+    check_spec_images(spec, images, settings.runtime)
     started = time.monotonic()
     eval_id = eval_id or new_eval_id()
     runtime = runtime or select_runtime(
@@ -79,11 +85,16 @@ async def run_evaluation(
         settings.sandbox_dir, settings.runsc_platform,
     )
     store = ResultsStore(settings.results, settings)
+    transcripts = TranscriptStore(settings.results, settings)
+    if spec.dataset is None:
+        raise SpecError([("inspect", "`proctor run` runs Proctor datasets; submit an Inspect task to the "
+                          "platform (`proctor submit task.py@name --model ...`)")])
     samples = load_samples(spec.dataset, settings)
     shards = split_shards(eval_id, spec, samples)
     own_gateway = gateway is None
     gateway = gateway or OpenAIGateway(secret=settings.secret)
-    executor = ShardExecutor(runtime, gateway, settings.sandbox_dir, rescore=rescore_outside, monitored=monitored)
+    executor = ShardExecutor(runtime, gateway, settings.sandbox_dir, rescore=rescore_outside, monitored=monitored,
+                             images=images)
     total = sum(s.units for s in shards)
     done = 0
     limit = asyncio.Semaphore(settings.max_concurrent_shards or os.cpu_count() or 1)
@@ -103,6 +114,14 @@ async def run_evaluation(
         store.write_shard(eval_id, work.shard_id, records_table(list(outcome.records), spec.scorer_names()))
         for path, data in outcome.artifacts:
             store.write_artifact(eval_id, work.shard_id, path, data)
+        if outcome.quarantined_artifacts:  # flagged by the cleanup scan: kept, not published
+            flagged = [v for v in outcome.safety.violations if v.get("monitor") == "cleanup"]
+            store.quarantine_artifacts(eval_id, work.shard_id, outcome.quarantined_artifacts, {"violations": flagged})
+        if outcome.transcripts:
+            await asyncio.to_thread(transcripts.write_shard, eval_id=eval_id, spec=spec, shard_id=work.shard_id,
+                                    attempt=0, status=outcome.status, error=outcome.error,
+                                    transcripts=outcome.transcripts, records=outcome.records,
+                                    quarantined=outcome.status == "safety_stopped")
         return outcome
 
     try:
@@ -129,4 +148,5 @@ async def run_evaluation(
         "labels": spec.labels,
     })
     store.write_summary(eval_id, summary)
+    await asyncio.to_thread(transcripts.merge, eval_id, summary)
     return EvaluationResult(eval_id, status, summary, store.eval_uri(eval_id), tuple(outcomes), duration)

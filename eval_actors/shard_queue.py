@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class QueuedShard:
     demand: Demand
     attempt: int = 0
     order: int = field(default=0, compare=False)  # age: smaller is older
+    queued_at: float = field(default_factory=time.time, compare=False)  # wall clock, when it was pushed
 
 
 class ShardQueue:
@@ -66,6 +68,12 @@ class ShardQueue:
         for s in gone:
             self.remove(s.eval_id, s.shard_id)
         return gone
+
+    def oldest_wait_s(self) -> float:
+        """How long the shard that has waited longest has waited (0 when none waits); the
+        index is in push order, so that is its first entry."""
+        oldest = next(iter(self._index.values()), None)
+        return max(0.0, time.time() - oldest.queued_at) if oldest is not None else 0.0
 
     def waiting(self, eval_id: str) -> int:
         return sum(1 for (e, _) in self._index if e == eval_id)

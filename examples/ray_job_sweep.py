@@ -1,8 +1,9 @@
 """A Ray job: sweep one suite over several model settings and compare the results.
 
-Submit it to the running platform (after `proctor up`) with Ray's job API:
+Submit it to the running platform (after `proctor up`) with Ray's job API, from the
+repository's folder:
 
-    .venv/bin/ray job submit --address http://127.0.0.1:8265 -- \
+    RAY_AUTH_MODE=token .venv/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python examples/ray_job_sweep.py --spec examples/arithmetic.yaml --error-rates 0 0.1 0.3
 
 Inside the cluster the script joins Ray, submits one evaluation per setting to Proctor's

@@ -4,20 +4,21 @@ The public face. Names load on first use, so that the in-sandbox harness (which 
 this package) starts without importing pydantic.
 """
 
-from __future__ import annotations
+# neither `typing` nor `__future__` (nor anything else) is imported here: the sandboxed
+# harness's start would pay for them (and for the search of site-packages for `__future__`)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-from typing import Any
-
-__all__ = ["EvaluationSpec", "SpecError", "load_spec", "parse_spec", "Client", "AsyncClient", "ProctorError",
-           "__version__"]
+_CLIENT = ("Client", "AsyncClient", "Evaluation", "ProctorError", "AuthenticationError", "PermissionDeniedError",
+           "NotFoundError", "ConflictError", "InvalidRequestError", "RateLimitError", "ServerError", "UnavailableError")
+_LAZY = {**{name: "proctor.spec" for name in ("EvaluationSpec", "SpecError", "load_spec", "parse_spec")},
+         **{name: "proctor.client" for name in _CLIENT}}
+__all__ = [*_LAZY, "__version__"]
 __version__ = "0.1.0"
 
-_LAZY = {"EvaluationSpec": "proctor.spec", "SpecError": "proctor.spec", "load_spec": "proctor.spec",
-         "parse_spec": "proctor.spec", "Client": "proctor.client", "AsyncClient": "proctor.client",
-         "ProctorError": "proctor.client"}
 
-
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":  # whatever the module it comes from defines under that name
     if name in _LAZY:
         import importlib
 

@@ -1,5 +1,6 @@
 """The `proctor` commands that talk to a running platform over HTTP, through `Client`:
-`submit`, `list`, `status`, `logs`, `stop`, `results` and `token`.
+`submit`, `list`, `status`, `logs`, `stop`, `results` (its rows and formats in `proctor.rows`), `token` and
+`transcripts` (`transcript_cli.py`).
 
 Each takes `--url` and `--token` (defaults: `Settings.api_url`, `$PROCTOR_TOKEN`, the file
 `proctor up` writes); each reading command takes `--json`. A `ProctorError` becomes a
@@ -9,9 +10,7 @@ message on stderr and an exit code (`exit_code`).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import io
 import json
 import sys
 import time
@@ -20,21 +19,24 @@ from datetime import datetime
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from .cli import EXIT_BAD_INPUT, EXIT_DENIED, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, print_json
+from . import rows
+from .inspect_cli import inspect_args
+from .cli import EXIT_BAD_INPUT, EXIT_DENIED, EXIT_FAILED, EXIT_OK, EXIT_STORAGE, EXIT_UNAVAILABLE, Subcommands, print_json
+from .jsontypes import JsonObject
 
 if TYPE_CHECKING:
-    import pyarrow
+    from rich.console import Console
 
     from .client import Client, Evaluation, ProctorError
 
 ROLES = ("viewer", "researcher", "safety", "admin")
 SORTS = ("created_at", "-created_at", "name", "-name", "status", "priority", "-priority")
 COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "safety_stopped": "red",
-           "running": "cyan", "scheduled": "blue", "queued": "white"}
+           "running": "cyan", "scheduled": "blue", "queued": "white", "interrupted": "magenta"}
 LEVEL_STYLES = {"error": "red", "critical": "bold red", "warning": "yellow", "debug": "dim"}
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="the API's URL (default: the local platform of `proctor up`)")
     common.add_argument("--token", help="API token (default: $PROCTOR_TOKEN, else the token `proctor up` wrote)")
@@ -42,9 +44,10 @@ def register(sub: Any) -> None:
     js.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("submit", parents=[common, js], help="submit evaluation specs to the running platform")
-    p.add_argument("spec", nargs="+", help="spec files (YAML or JSON)")
+    p.add_argument("spec", nargs="+", help="spec files (YAML or JSON), or Inspect tasks as file.py@task_name")
     p.add_argument("-f", "--follow", "--wait", dest="follow", action="store_true",
                    help="show progress until they end, then print their results")
+    inspect_args(p)
     p.set_defaults(func=_handler(_submit))
 
     p = sub.add_parser("list", parents=[common, js], help="list evaluations")
@@ -74,11 +77,13 @@ def register(sub: Any) -> None:
     p.add_argument("--all", action="store_true", help="emergency stop of every evaluation (admin)")
     p.set_defaults(func=_handler(_stop))
 
-    p = sub.add_parser("results", parents=[common, js], help="an evaluation's sample rows")
-    p.add_argument("id")
+    p = sub.add_parser("results", parents=[common, js], help="an evaluation's sample rows (`results sync`: write "
+                       "the rows waiting on this machine for an unreachable results store)")
+    p.add_argument("id", help="the evaluation, or `sync`")
     p.add_argument("--format", choices=["table", "csv", "parquet", "json"], default="table")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
-    p.set_defaults(func=_handler(_results))
+    show = _handler(rows.results)
+    p.set_defaults(func=lambda args: rows.sync(args) if args.id == "sync" else show(args))
 
     p = sub.add_parser("token", help="API tokens (admin)")
     tok = p.add_subparsers(dest="token_command", metavar="ACTION")
@@ -94,6 +99,10 @@ def register(sub: Any) -> None:
     t = tok.add_parser("revoke", parents=[common, js], help="revoke a token")
     t.add_argument("token_id", type=int, metavar="ID")
     t.set_defaults(func=_handler(_token_revoke))
+
+    from . import transcript_cli
+
+    transcript_cli.register(sub, [common, js], _handler)
 
 
 def _positive(text: str) -> int:
@@ -129,11 +138,16 @@ def _handler(command: Callable[[Client, argparse.Namespace], int]) -> Callable[[
         except ProctorError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exit_code(exc)
+        except OSError as exc:  # a local file: the results root (`results`), an output file (-o)
+            if isinstance(exc, BrokenPipeError):
+                raise  # the reader of stdout went away: `proctor.cli.main` ends quietly
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_STORAGE
 
     return run
 
 
-def _console(**kw: Any) -> Any:
+def _console(**kw: Any) -> Console:  # kw: rich Console's own keyword arguments
     """A rich console; into a pipe or file, as wide as its lines (rich would cut them at 80)."""
     from rich.console import Console
 
@@ -146,10 +160,11 @@ def _console(**kw: Any) -> Any:
 # -- submit, list, status ---------------------------------------------------------------------
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
+    from .inspect_cli import inspect_spec_of, is_task_ref
     from .spec import SpecError, load_spec
 
-    try:
-        specs = [load_spec(path) for path in args.spec]  # every file checked before anything is queued
+    try:  # every file checked before anything is queued
+        specs = [inspect_spec_of(path, args) if is_task_ref(path) else load_spec(path) for path in args.spec]
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -210,7 +225,7 @@ def print_summary(ev: Evaluation) -> None:
                      name=ev.name, total_shards=ev.total_shards)
 
 
-def print_summary_of(s: dict[str, Any], eval_id: str, status: str, results_uri: str | None,
+def print_summary_of(s: JsonObject, eval_id: str, status: str, results_uri: str | None,
                      error: str | None = None, *, name: str | None = None, total_shards: int | None = None) -> None:
     """The results table of one evaluation's summary (metrics with 95% CIs per scorer),
     and where its Parquet is; `proctor run` prints the same."""
@@ -269,10 +284,12 @@ def _when(at: datetime | None) -> str:
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:
+    """0 while it runs and once it succeeded; 1 once it failed, was cancelled or safety-stopped."""
     ev = client.get(args.id)
+    code = EXIT_FAILED if ev.finished and ev.status != "succeeded" else EXIT_OK
     if args.json:
         print_json(ev.model_dump(mode="json"))
-        return EXIT_OK
+        return code
     console = _console(highlight=False)
     rows = [("id", ev.id), ("name", ev.name), ("owner", ev.owner),
             ("status", f"[{COLOURS.get(ev.status, 'white')}]{ev.status}[/]"),
@@ -280,14 +297,15 @@ def _status(client: Client, args: argparse.Namespace) -> int:
             ("model", ev.model), ("runtime", ev.runtime), ("priority", str(ev.priority)),
             ("labels", ", ".join(f"{k}={v}" for k, v in ev.labels.items()) or "-"),
             ("waiting", ev.wait_reason), ("error", ev.error),
-            ("created", _when(ev.created_at)), ("started", _when(ev.started_at)), ("finished", _when(ev.finished_at))]
+            ("created", _when(ev.created_at)), ("started", _when(ev.started_at)), ("finished", _when(ev.finished_at)),
+            ("trace", ev.trace_id)]
     for key, value in rows:
         if value:
             console.print(f"[bold]{key:<9}[/] {value}", soft_wrap=True)
     if ev.finished:
         console.print()
         print_summary(ev)
-    return EXIT_OK
+    return code
 
 
 # -- logs, stop ---------------------------------------------------------------------------------
@@ -326,73 +344,6 @@ def _stop(client: Client, args: argparse.Namespace) -> int:
         done = ("stopped" if args.emergency else "cancelled") if result.stopped else "had already ended"
         print(f"{result.id} {done} (status {result.status})")
     return EXIT_OK
-
-
-# -- results ---------------------------------------------------------------------------------------
-
-def _results(client: Client, args: argparse.Namespace) -> int:
-    fmt = "json" if args.json else args.format
-    if fmt == "parquet" and not args.output and sys.stdout.isatty():
-        print("error: Parquet is binary; write it to a file with -o FILE, or redirect stdout", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from .client import is_partial
-
-    table = client.results(args.id)
-    if is_partial(table):  # on stderr: the output stays what was asked for
-        print(f"note: {args.id} is still running; these are the {table.num_rows} rows its shards have "
-              "written so far", file=sys.stderr)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        if args.output:
-            with open(args.output, "wb") as f:
-                f.write(sink.getvalue())
-        else:
-            sys.stdout.flush()
-            sys.stdout.buffer.write(sink.getvalue())
-            sys.stdout.buffer.flush()
-        return EXIT_OK
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
-    try:
-        if fmt == "json":
-            out.write(json.dumps(_rows(table), indent=2, default=str) + "\n")
-        elif fmt == "csv":
-            rows = _rows(table)
-            writer = csv.DictWriter(out, fieldnames=table.column_names, lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()})
-        else:
-            _print_rows(table, out)
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return EXIT_OK
-
-
-def _rows(table: pyarrow.Table) -> list[dict[str, Any]]:
-    """Rows as plain dicts; map columns (`scores`, `answers`) become dicts."""
-    import pyarrow as pa
-
-    maps = {f.name for f in table.schema if pa.types.is_map(f.type)}
-    return [{k: dict(v) if k in maps and v is not None else v for k, v in row.items()} for row in table.to_pylist()]
-
-
-def _print_rows(table: pyarrow.Table, out: Any) -> None:
-    from rich.table import Table
-
-    shown = [c for c in ("sample_id", "epoch", "score", "target", "output", "error") if c in table.column_names]
-    view = Table(box=None, header_style="bold")
-    for col in shown:
-        view.add_column(col, overflow="fold", max_width=40 if col in ("target", "output", "error") else None)
-    for row in table.select(shown).to_pylist():
-        view.add_row(*("" if row[c] is None else f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
-                       for c in shown))
-    console = _console(file=out, highlight=False) if out is not sys.stdout else _console(highlight=False)
-    console.print(view)
-    console.print(f"{table.num_rows} rows")
 
 
 # -- tokens ------------------------------------------------------------------------------------------

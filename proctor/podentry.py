@@ -1,4 +1,4 @@
-"""`python -m proctor.podentry [-- COMMAND ...]`: the entrypoint of a Kubernetes sandbox pod.
+"""`python -m proctor.podentry [--service] [-- COMMAND ...]`: the entrypoint of a Kubernetes sandbox pod.
 
 A pod has no network and no host folder: its one channel is its attached stdin/stdout.
 The runtime ships the shard's workspace over that same channel before the runner
@@ -7,8 +7,8 @@ then exactly N bytes of an uncompressed tar. This reads exactly that from file
 descriptor 0 (unbuffered: nothing after it is consumed), unpacks it into
 `$PROCTOR_WORKSPACE` (default /workspace) — regular files and folders only: no absolute
 paths, no '..', no links or devices, at most `MAX_WORKSPACE_BYTES` — and then runs the
-harness on the rest of stdin/stdout, or execs COMMAND (its `python` being this one) with
-the same stdin/stdout.
+harness on the rest of stdin/stdout (in its service mode with `--service`), or execs
+COMMAND (its `python` being this one) with the same stdin/stdout.
 
 Artifacts come back over the same channel: the runtime asks the harness to send their
 content in `artifact` events (`ShardMessage.inline_artifact_bytes`), in pieces of
@@ -147,9 +147,17 @@ def _make_dirs(root: Path, folder: Path) -> None:
         current.mkdir(exist_ok=True)
 
 
+HARNESS_FLAGS = ("--service",)  # passed on to the harness (before any `--`)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = args[args.index("--") + 1:] if "--" in args else []
+    flags = args[:args.index("--")] if "--" in args else args
+    unknown = [f for f in flags if f not in HARNESS_FLAGS]
+    if unknown:
+        sys.stderr.write(f"proctor.podentry: unknown option {unknown[0]!r}; known: {', '.join(HARNESS_FLAGS)}\n")
+        return 2
     workspace = Path(os.environ.get("PROCTOR_WORKSPACE") or "/workspace")
     try:
         unpack(read_exactly(0, read_header(0)), workspace)
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execvp(command[0], command)
     from proctor.harness.__main__ import main as harness
 
-    return harness(["--workspace", str(workspace)])
+    return harness(["--workspace", str(workspace), *flags])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ Action = Literal["stop", "alert", "record"]
 RuleSource = Literal["log", "command", "generation", "output"]
 
 WATCHED_SYSCALLS = ("connect", "socket", "bind", "ptrace", "mount", "umount2", "init_module", "finit_module",
-                    "setuid", "setgid", "setresuid", "setresgid", "unshare", "setns", "pivot_root", "chroot")
+                    "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "unshare", "setns", "pivot_root", "chroot")
 
 
 class _Model(BaseModel):
@@ -93,6 +93,10 @@ class SafetyPolicy(_Model):
     syscalls: SyscallWatch = Field(default_factory=SyscallWatch)
     canaries: bool = Field(True, description="plant decoy credentials in every workspace and watch them")
     canary_action: Action = "stop"
+    scan_outputs: bool = Field(True, description="the cleanup stage: scan each artifact and final output for the "
+                               "canaries, secrets (keys, tokens, private keys) and the rules over outputs; a "
+                               "flagged artifact is kept in quarantine, not published")
+    secret_action: Action = Field("alert", description="when the scan finds a secret in an artifact or output")
     rules: list[Rule] = Field(default_factory=list, max_length=200, description="added to the preset's rules")
     hold_generations: bool = Field(True, description="check each model answer against the rules before the "
                                                      "sandbox receives it")
@@ -103,10 +107,12 @@ class SafetyPolicy(_Model):
         return [r for r in preset_rules(self.preset) if r.name not in own] + list(self.rules)
 
 
-_BUILTIN: list[tuple[str, list[RuleSource], str, str, str]] = [
+_BUILTIN: list[tuple[str, list[RuleSource], str, Action, str]] = [
     # name, sources, pattern, action under `standard`, description
     ("exfiltration", ["command", "generation", "log"],
-     r"(?i)\b(curl|wget|nc|ncat|netcat|socat|scp|sftp|rsync|ssh|telnet|ftp)\b[^\n]{0,200}?(https?://|\d{1,3}(\.\d{1,3}){3}|@[\w.-]+:)"
+     # the sandbox's own loopback (a task's local service) is not out of it
+     r"(?i)\b(curl|wget|nc|ncat|netcat|socat|scp|sftp|rsync|ssh|telnet|ftp)\b[^\n]{0,200}?"
+     r"(https?://(?!(127\.|localhost\b|\[::1\]))|(?<![\d.])(?!127\.)\d{1,3}(\.\d{1,3}){3}|@[\w.-]+:)"
      r"|/dev/(tcp|udp)/",
      "stop", "sending data out of the sandbox"),
     ("disable-monitoring", ["command", "generation"],

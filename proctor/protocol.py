@@ -13,6 +13,7 @@ Out of the sandbox (harness → supervisor):
 | `metric`   | `name`, `value`                                                |
 | `artifact` | `path` (relative to the workspace), `size`, `sha256`; `data` (base64) when asked to inline |
 | `generate` | a model call for the gateway: `id`, `messages`, `tools`, `max_tokens`, `temperature` |
+| `transcript` | (version 2) one entry of a sample's transcript: `sample_id`, `epoch`, `entry` (a `message`, a `model` turn or a `tool` result) |
 | `done`     | `status` (ok/error/cancelled), `error`, `samples`              |
 
 Into the sandbox (supervisor → harness): first `shard` (the work: model, scorers,
@@ -24,6 +25,14 @@ The first outbound event is a `log` whose message starts with `harness ready`; `
 the last. The outside treats the sandbox as hostile: `EventParser` rejects malformed,
 oversized, unknown and out-of-order lines, records each rejection (bounded), and never
 raises on input. Its memory is bounded by `max_line_bytes` whatever the sandbox writes.
+
+Versions: every line carries the version it was written in. Version 2 added the
+`transcript` event and the shard's `transcript_max_bytes`; a reader of version 2 takes
+lines of versions 1 and 2 (`PROTOCOL_VERSIONS`), and an event type only from the version
+that introduced it (`SINCE`): a `transcript` line that says version 1 is refused. The
+harness's first line (`harness ready`) says its version, and the outside writes to it in
+that version (`encode(message, version)`): an older harness (a pod's image) gets the
+messages it knows, and sends no transcript.
 """
 
 from __future__ import annotations
@@ -31,18 +40,24 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, TypeAlias, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
+from proctor.jsontypes import JsonObject
+
+if TYPE_CHECKING:
+    from proctor.requests import ChunkEvent, ResultEvent
+
+PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSIONS = (1, 2)  # what this side reads
 MAX_LINE_BYTES = 1024 * 1024
 _TEXT = 256 * 1024  # longest text field accepted from a sandbox
 
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1, 2] = PROTOCOL_VERSION
 
 
 class _Out(_Msg):
@@ -50,6 +65,10 @@ class _Out(_Msg):
 
 
 # ---------------------------------------------------------------- out of the sandbox
+
+
+Stage = Literal["setup", "eval", "score", "cleanup"]
+STAGES: tuple[str, ...] = ("setup", "eval", "score", "cleanup")
 
 
 class LogEvent(_Out):
@@ -91,6 +110,9 @@ class SampleEvent(_Out):
     completed_at: float = 0.0
     usage: Usage = Field(default_factory=Usage)
     turns: int = Field(0, ge=0)
+    stages: dict[Stage, float] = Field(default_factory=dict, description="seconds each stage the sample went "
+                                       "through took (as the harness measured them)")
+    failed_stage: Stage | None = Field(None, description="the stage the sample's error happened in")
 
 
 class MetricEvent(_Out):
@@ -120,16 +142,78 @@ class ChatTurn(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=_TEXT)
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[JsonObject] | None = None
 
 
 class GenerateEvent(_Out):
     type: Literal["generate"] = "generate"
     id: str = Field(max_length=128)
     messages: list[ChatTurn] = Field(max_length=1000)
-    tools: list[dict[str, Any]] = Field(default_factory=list, max_length=32)
+    tools: list[JsonObject] = Field(default_factory=list, max_length=32)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
+
+
+class TranscriptToolCall(BaseModel):
+    """A tool call as the model asked for it: `arguments` is its JSON text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(max_length=128)
+    function: str = Field(max_length=128)
+    arguments: str = Field(max_length=_TEXT)
+
+
+class TranscriptMessage(BaseModel):
+    """A message the model starts from (the system prompt, the sample's input)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["message"] = "message"
+    role: Literal["system", "user"]
+    content: str = Field(max_length=_TEXT)
+
+
+class TranscriptModelTurn(BaseModel):
+    """One answer of a model run inside the sandbox (a gateway model's turns are recorded
+    outside, by the gateway): its text, tool calls, usage and latency, as the sandbox
+    measured them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model"] = "model"
+    content: str = Field(max_length=_TEXT)
+    tool_calls: list[TranscriptToolCall] = Field(default_factory=list, max_length=64)
+    usage: Usage = Field(default_factory=Usage)
+    latency_s: float = Field(0.0, ge=0, le=7 * 24 * 3600)
+
+
+class TranscriptToolResult(BaseModel):
+    """What one tool call returned: the output the model reads back (cut at the tool's
+    output cap), its exit code, whether it timed out or its output was truncated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["tool"] = "tool"
+    tool_call_id: str = Field(max_length=128)
+    function: str = Field("bash", max_length=128)
+    output: str = Field(max_length=_TEXT)
+    exit_code: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="None: the call could not run")
+    timed_out: bool = False
+    truncated: bool = Field(False, description="the output was cut at the tool's output cap")
+    output_bytes: int = Field(0, ge=0, description="bytes the command wrote in all")
+    latency_s: float = Field(0.0, ge=0, le=7 * 24 * 3600)
+    error: str | None = Field(None, max_length=_TEXT, description="why the call could not run")
+
+
+TranscriptEntry = Annotated[Union[TranscriptMessage, TranscriptModelTurn, TranscriptToolResult],
+                            Field(discriminator="kind")]
+
+
+class TranscriptEvent(_Out):
+    """One entry of a sample's transcript, sent as it happens (version 2). Untrusted: the
+    outside bounds, checks and labels it (`provenance: sandbox`)."""
+
+    type: Literal["transcript"] = "transcript"
+    sample_id: str = Field(max_length=1024)
+    epoch: int = Field(ge=1)
+    entry: TranscriptEntry
 
 
 class DoneEvent(_Out):
@@ -140,11 +224,17 @@ class DoneEvent(_Out):
 
 
 OutEvent = Annotated[
-    Union[LogEvent, ProgressEvent, SampleEvent, MetricEvent, ArtifactEvent, GenerateEvent, DoneEvent],
+    Union[LogEvent, ProgressEvent, SampleEvent, MetricEvent, ArtifactEvent, GenerateEvent, TranscriptEvent,
+          DoneEvent],
     Field(discriminator="type"),
 ]
-OUT_TYPES = ("log", "progress", "sample", "metric", "artifact", "generate", "done")
-_out_adapter: TypeAdapter[Any] = TypeAdapter(OutEvent)
+OUT_TYPES = ("log", "progress", "sample", "metric", "artifact", "generate", "transcript", "done")
+SINCE = {"transcript": 2}  # an event type newer than version 1: the version that introduced it
+_out_adapter: TypeAdapter[Any] = TypeAdapter(OutEvent)  # validates to an OutEvent (mypy cannot read the Annotated union)
+# what `EventParser` returns: an event of a shard, or of a service (`proctor.requests`, whose
+# parser reads that union instead)
+ParsedEvent: TypeAlias = Union[LogEvent, ProgressEvent, SampleEvent, MetricEvent, ArtifactEvent, GenerateEvent,
+                               TranscriptEvent, DoneEvent, "ChunkEvent", "ResultEvent"]
 
 
 # ---------------------------------------------------------------- into the sandbox
@@ -154,7 +244,7 @@ class GenerateResult(_Msg):
     type: Literal["generate_result"] = "generate_result"
     id: str
     output: str = ""
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[JsonObject] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     error: str | None = None
 
@@ -162,22 +252,41 @@ class GenerateResult(_Msg):
 class ShardSample(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str
-    input: str | list[dict[str, Any]]
+    input: str | list[JsonObject]
     target: str | list[str] = ""
     choices: list[str] | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)
+    setup: str | None = Field(None, description="this sample's own setup script (after the shard's setup steps)")
+
+
+class SetupStep(BaseModel):
+    """A command of the setup stage, run in the sample's folder before the agent starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    command: str
+    user: str = Field("root", description="a user of the sandbox's image: a name, 'uid' or 'uid:gid'")
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class AgentSpec(BaseModel):
+    """Who the agent's tool commands run as, and their whole environment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    user: str = Field("nobody", description="a user of the sandbox's image: a name, 'uid' or 'uid:gid'; never root")
+    env: dict[str, str] = Field(default_factory=dict)
 
 
 class ShardMessage(_Msg):
     """The first message into the sandbox: what to run. `model` and `scorers` are the
     spec's own dictionaries (`proctor.spec` validates them again inside)."""
 
+    FIELDS_SINCE: ClassVar[dict[str, int]] = {"transcript_max_bytes": 2}
     type: Literal["shard"] = "shard"
     eval_id: str
     shard_id: str
-    model: dict[str, Any]
-    scorers: list[dict[str, Any]]
+    model: JsonObject
+    scorers: list[JsonObject]
     samples: list[ShardSample]
     epochs: list[int] = Field(default_factory=lambda: [1])
     agentic: bool = False
@@ -187,6 +296,10 @@ class ShardMessage(_Msg):
     inline_artifact_bytes: int = Field(0, ge=0, description="the host cannot read the workspace: send artifacts' "
                                        "content in their events, in pieces of INLINE_ARTIFACT_BYTES, up to this "
                                        "many bytes in all (0: the host reads the files itself)")
+    setup: list[SetupStep] = Field(default_factory=list, description="the setup stage of every sample")
+    agent: AgentSpec = Field(default_factory=AgentSpec)
+    transcript_max_bytes: int = Field(0, ge=0, description="(version 2) send each sample's transcript entries, "
+                                      "up to about this many bytes a sample (0: send none)")
 
 
 class Cancel(_Msg):
@@ -195,12 +308,16 @@ class Cancel(_Msg):
 
 
 InMessage = Annotated[Union[ShardMessage, GenerateResult, Cancel], Field(discriminator="type")]
-_in_adapter: TypeAdapter[Any] = TypeAdapter(InMessage)
+_in_adapter: TypeAdapter[ShardMessage | GenerateResult | Cancel] = TypeAdapter(InMessage)
 
 
-def encode(message: BaseModel) -> bytes:
-    """One protocol line, newline included."""
-    return message.model_dump_json(exclude_none=False).encode() + b"\n"
+def encode(message: BaseModel, version: int = PROTOCOL_VERSION) -> bytes:
+    """One protocol line, newline included, in `version`: for an older reader, marked with
+    its version and without the fields it does not know (`FIELDS_SINCE`)."""
+    if version >= PROTOCOL_VERSION:
+        return message.model_dump_json(exclude_none=False).encode() + b"\n"
+    newer = {name for name, since in getattr(type(message), "FIELDS_SINCE", {}).items() if since > version}
+    return json.dumps({**message.model_dump(mode="json", exclude=newer), "v": version}).encode() + b"\n"
 
 
 def decode_in(line: bytes | str) -> ShardMessage | GenerateResult | Cancel:
@@ -234,6 +351,11 @@ class EventParser:
 
     max_line_bytes: int = MAX_LINE_BYTES
     max_rejections_kept: int = 100
+    # what it accepts: a shard's events, or another conversation's (`proctor.requests`)
+    types: tuple[str, ...] = OUT_TYPES
+    # `_out_adapter`, or `proctor.requests.service_out_adapter` for a service: the one type
+    # both have in common is Any, and `_parse` checks what it needs (`seq`, `type`)
+    adapter: TypeAdapter[Any] = _out_adapter
     rejections: deque[Rejection] = field(default_factory=deque)
     rejected: int = 0
     accepted: int = 0
@@ -243,8 +365,8 @@ class EventParser:
     _last_seq: int = -1
     _line_no: int = 0
 
-    def feed(self, chunk: bytes) -> list[Any]:
-        events: list[Any] = []
+    def feed(self, chunk: bytes) -> list[ParsedEvent]:
+        events: list[ParsedEvent] = []
         start = 0
         while True:
             nl = chunk.find(b"\n", start)
@@ -269,7 +391,7 @@ class EventParser:
                     events.append(event)
             start = nl + 1
 
-    def finish(self) -> list[Any]:
+    def finish(self) -> list[ParsedEvent]:
         """End of stream: a last line without a newline still counts."""
         if self._buf and not self._discarding:
             event = self._parse(bytes(self._buf))
@@ -277,7 +399,7 @@ class EventParser:
             return [event] if event is not None else []
         return []
 
-    def _parse(self, line: bytes) -> Any:
+    def _parse(self, line: bytes) -> ParsedEvent | None:
         self._line_no += 1
         if not line.strip():
             return None
@@ -290,14 +412,18 @@ class EventParser:
             self._reject("malformed: not a JSON object", line)
             return None
         kind = data.get("type")
-        if kind not in OUT_TYPES:
+        if kind not in self.types:
             self._reject(f"unknown type {str(kind)[:40]!r}", line)
             return None
-        if data.get("v") != PROTOCOL_VERSION:
-            self._reject(f"unsupported protocol version {str(data.get('v'))[:20]!r}", line)
+        version = data.get("v")
+        if type(version) is not int or version not in PROTOCOL_VERSIONS:
+            self._reject(f"unsupported protocol version {str(version)[:20]!r}", line)
+            return None
+        if version < SINCE.get(kind, 1):
+            self._reject(f"invalid {kind}: needs protocol version {SINCE[kind]}, the line says {version}", line)
             return None
         try:
-            event = _out_adapter.validate_python(data)
+            event: ParsedEvent = self.adapter.validate_python(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"][1:])

@@ -28,7 +28,8 @@ def evidence_of(v: dict[str, Any], safety: dict[str, Any], started_at: float | N
     timeline.sort(key=lambda e: e["at"])
     return {"monitor": v["monitor"], "message": v["message"], "lines": list(v["evidence"]),
             "timeline": timeline[:50], "resource_trace": list(safety.get("trace", []))[-TRACE_AROUND:],
-            "kill_s": safety.get("kill_s"), "at": v["at"]}
+            "kill_s": safety.get("kill_s"), "at": v["at"],
+            "transcript": v.get("transcript")}  # where it fired: sample_id, epoch and n, the entry
 
 
 def report_markdown(eval_id: str, incidents: list[dict[str, Any]]) -> str:

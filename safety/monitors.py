@@ -68,6 +68,7 @@ class ResourceMonitor(Monitor):
         self.trace.append(point)
         self._remember(point)
         found = []
+        refused = now.get("pids_refused") or 0  # forks the runtime refused at the limit, however briefly
         for metric, limit in self.limits.items():
             value = now.get(metric)
             if value is None:
@@ -77,7 +78,13 @@ class ResourceMonitor(Monitor):
             # the kernel enforces memory and pids at the limit itself: a sandbox at 98% is at it
             at_limit = share >= (0.98 if metric in ("memory", "pids") else 1.0)
             unit = UNITS.get(metric, "")
-            if at_limit and metric not in self.broken:
+            if metric == "pids" and refused and not at_limit and metric not in self.broken:
+                self.broken.add(metric)
+                found.append(Violation(self.name, metric, self.watch.action,
+                                       f"pids reached its limit: {refused:.0f} process creations refused at "
+                                       f"{limit:.0f} {unit} ({value:.0f} now)",
+                                       (f"pids_refused={refused:.0f} pids={value:.0f} limit={limit:.0f}",)))
+            elif at_limit and metric not in self.broken:
                 self.broken.add(metric)
                 found.append(Violation(self.name, metric, self.watch.action,
                                        f"{metric} reached its limit: {value:.0f} of {limit:.0f} {unit}",

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Set-up for a fresh Debian 12 machine, run as root; quick and harmless when already done.
-#   scripts/setup.sh          the platform: gVisor (runsc), bubblewrap, .venv with Proctor
-#   scripts/setup.sh --test   and what the tests need on top (PostgreSQL, Chromium, kubectl)
+#   scripts/setup.sh          the platform: gVisor (runsc), bubblewrap, mmdebstrap (image builds),
+#                             haproxy (Ray Serve's ingress, serve_app/ingress.py), .venv
+#   scripts/setup.sh --test   and what the tests need on top (PostgreSQL, Chromium, kubectl,
+#                             promtool from Debian's prometheus, busybox-static)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-packages=(runsc bubblewrap python3 python3-venv procps util-linux)
+packages=(runsc bubblewrap mmdebstrap haproxy python3 python3-venv procps util-linux iproute2)
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
-  packages+=(postgresql chromium)
+  packages+=(postgresql chromium busybox-static prometheus)
 fi
 
 missing=()
@@ -20,6 +22,12 @@ if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # no system-wide servers: the tests want promtool, not a server on :9090; Serve starts its own HAProxy
+  for service in prometheus haproxy; do
+    if [[ " ${missing[*]} " == *" $service "* ]] && command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+      systemctl disable --now "$service" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 python=$(command -v python3)
@@ -33,10 +41,12 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 
 stamp=".venv/.proctor-installed${extras}"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/constraints.txt -nt "$stamp" ]]; then
   echo "setup: installing Proctor${extras} into .venv (the first time takes a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".${extras}"
+  # setuptools says, as a warning, that an editable install is one (nothing to act on);
+  # scripts/constraints.txt pins every version, so pip has nothing to search for
+  PYTHONWARNINGS="ignore:Editable installation:UserWarning" .venv/bin/python -m pip install -q -e ".${extras}" -c scripts/constraints.txt
   touch "$stamp"
 fi
 

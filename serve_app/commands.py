@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from proctor.cli import EXIT_BAD_INPUT, EXIT_OK, print_json
+from proctor.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, print_json
 from proctor.settings import SettingsError, load_settings
 
 
@@ -35,10 +35,14 @@ def _settings() -> Any:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .platform import up
+    from .platform import PlatformError, up
 
     settings = _settings()
-    info = up(settings)
+    try:
+        info = up(settings)
+    except PlatformError as exc:
+        print(f"error: {exc}\n(`proctor down` stops what did start)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     if args.json:
         print_json(info)
     else:

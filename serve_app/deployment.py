@@ -22,9 +22,12 @@ def deployment(settings: Settings) -> serve.Application:
     fastapi_app = build_app(settings)
 
     # Serve's per-request access log costs the replica CPU on every call; the API's own
-    # latency histogram (`proctor_api_request_duration_seconds`) covers what it would tell
+    # latency histogram (`proctor_api_request_duration_seconds`) covers what it would tell.
+    # Serve's own lines are JSON too when Proctor's are (PROCTOR_LOG_FORMAT=json)
     @serve.deployment(name="ProctorAPI", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                      max_ongoing_requests=200, logging_config={"enable_access_log": False})
+                      max_ongoing_requests=200,
+                      logging_config={"enable_access_log": False,
+                                      "encoding": "JSON" if settings.log_format == "json" else "TEXT"})
     @serve.ingress(fastapi_app)
     class ProctorAPI:
         pass

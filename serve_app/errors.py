@@ -15,7 +15,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.state import ConflictError, NotFoundError, StateError
 from cluster.storage import StorageError
+from eval_actors.handles import ControlPlaneUnavailable
 from proctor.spec import SpecError
+
+
+RETRY_AFTER_S = 5  # what a 503 of a store that is briefly away asks the client to wait
 
 
 class ApiError(Exception):
@@ -66,8 +70,17 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StateError)
     async def _state(_: Request, exc: StateError) -> JSONResponse:
-        return JSONResponse(body("state_unavailable", str(exc)), status_code=503)
+        # the database restarts or is unreachable: the same request may succeed in a moment
+        return JSONResponse(body("state_unavailable", str(exc)), status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(ControlPlaneUnavailable)
+    async def _control_plane(_: Request, exc: ControlPlaneUnavailable) -> JSONResponse:
+        # an actor restarts (Ray brings it back) or the platform is down: retry in a moment
+        return JSONResponse(body("control_plane_unavailable", str(exc)), status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:
-        return JSONResponse(body("storage_unavailable", str(exc)), status_code=503)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.transient else None
+        return JSONResponse(body("storage_unavailable", str(exc)), status_code=503, headers=headers)

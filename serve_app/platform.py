@@ -1,15 +1,28 @@
-"""The embedded default platform on one machine: a local Ray cluster and the control plane.
+"""The embedded default platform on one machine: a local Ray cluster, the control plane,
+the API on Ray Serve, and the dashboard.
 
-`proctor up` starts a Ray head (`ray start --head`) with its dashboard, attaches, and
-starts the control plane; `proctor down` stops both. State goes to SQLite and results to
-a folder under `Settings.home` unless settings say otherwise.
+`proctor up` starts, overlapping what can overlap:
+1. the dashboard's process (importing Gradio is the slowest single step; it waits for
+   nothing, and signs in with the admin token written just before it);
+2. a local Ray head in a session of its own (`cluster.localray`), unless a Ray head
+   already answers on `Settings.ray_port`; Ray's daemons and workers get Proctor's
+   Python first on their PATH, so that a Ray job's `python` is the one with Proctor;
+3. the control plane's actors, and meanwhile the Serve application;
+and returns once the API answers ready and the dashboard answers. It is idempotent.
+
+`proctor down` stops the dashboard and, when `up` started the Ray head, exactly that Ray
+cluster (with the control plane and the API in it), never another one on the machine. A
+Ray cluster that `up` found running is left running, without Proctor's actors and
+application. Then it kills the sandboxes the supervisors left running (`reap_owner` on
+each supervisor's folder). State and results stay. What was started is recorded in
+`$PROCTOR_HOME/platform.json`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster import localray
 from proctor.settings import Settings
 
-RAY_PORT = 6379
-DASHBOARD_PORT = 8265
+from .ingress import IngressError, ingress_env
+
+READY_TIMEOUT_S = 120.0
+SUPERVISOR_FOLDERS = "proctor-supervisor-*"  # eval_actors.control_plane.SUPERVISOR's (importing it loads Ray)
+
+
+class PlatformError(RuntimeError):
+    """The platform could not be brought up. Caught by `proctor up`, which prints it and exits 5."""
 
 
 def ray_token_auth() -> None:
@@ -40,81 +60,134 @@ def ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
+def ray_env(settings: Settings) -> dict[str, str]:
+    """The environment of the Ray head `up` starts, and so of its workers and jobs: token
+    auth, no usage reporting, this Python's folder first on PATH (a job's `python`), and
+    Serve's ingress mode (`settings.serve_ingress`; Serve reads it in each of its
+    processes). Raises `PlatformError` when that mode cannot run here."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    try:
+        ingress = ingress_env(settings.serve_ingress, settings.haproxy_stats_port, settings.haproxy_metrics_port,
+                              folder=settings.home / "haproxy")
+    except IngressError as exc:
+        raise PlatformError(str(exc)) from None
+    return dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", PATH=path, **ingress)
+
+
 def _state_file(settings: Settings) -> Path:
     return settings.home / "platform.json"
 
 
-def cluster_running() -> bool:
-    """Whether our Ray head answers on its port (a stale address file elsewhere is ignored)."""
-    ray_token_auth()
-    import socket
-
+def _read_state(settings: Settings) -> dict[str, Any]:
     try:
-        with socket.create_connection(("127.0.0.1", RAY_PORT), timeout=2):
-            return True
-    except OSError:
-        return False
+        data = json.loads(_state_file(settings).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def start_ray(settings: Settings) -> dict[str, Any]:
-    """Start a local Ray head unless one is already running. Returns its addresses."""
-    info = {"address": f"127.0.0.1:{RAY_PORT}", "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}",
-            "ray_token_file": str(Path.home() / ".ray" / "auth_token")}
-    if not cluster_running():
-        cmd = [ray_bin(), "start", "--head", f"--port={RAY_PORT}", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", "--include-dashboard=true"]
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"could not start Ray: {result.stderr.strip()[-2000:]}")
-    return info
+def _write_state(settings: Settings, data: dict[str, Any]) -> None:
+    _state_file(settings).write_text(json.dumps(data, indent=2, default=str))
 
 
 def up(settings: Settings) -> dict[str, Any]:
-    """Bring up the embedded platform (idempotent). Returns what `proctor up` prints."""
+    """Bring up the embedded platform (idempotent). Returns what `proctor up` prints.
+    Raises `PlatformError`."""
     settings.home.mkdir(parents=True, exist_ok=True)
     from .auth import platform_secret
 
     platform_secret(settings, create=True)  # before the API starts: it verifies the platform's JWTs
-    info = start_ray(settings)
+    token_file = ensure_admin_token(settings)
+    ui = start_dashboard(settings, settings.ray_dashboard_url)
+    try:
+        return _up(settings, token_file, ui)
+    except BaseException:
+        stop_dashboard(settings)  # the rest is for `down`, which the message suggests
+        raise
 
+
+def _up(settings: Settings, token_file: Path, ui: str) -> dict[str, Any]:
+    took: dict[str, float] = {}  # seconds per step, for `proctor up --json` and benchmarks/platform_up.py
+    mark = time.monotonic()
+
+    def step(name: str) -> None:
+        nonlocal mark
+        took[name] = round(time.monotonic() - mark, 3)
+        mark = time.monotonic()
+
+    ray_token_auth()
+    state = _read_state(settings)
+    address = settings.ray_address
+    if address is None:
+        address = f"127.0.0.1:{settings.ray_port}"
+        if not localray.head_answers(settings.ray_port):
+            try:
+                head = localray.start(ray_bin(), settings.ray_port, settings.ray_dashboard_port,
+                                      settings.home / "ray", ray_env(settings))
+            except localray.LocalRayError as exc:
+                hint = " (its folder is in PROCTOR_HOME: a shorter one fixes it)" if "sockets" in str(exc) else ""
+                raise PlatformError(f"Ray did not start: {exc}{hint}") from exc
+            except OSError as exc:  # no `ray` program beside this Python, or it cannot run
+                raise PlatformError(f"Ray did not start: {ray_bin()}: {exc.strerror or exc} (is Proctor installed "
+                                    "with its dependencies? `scripts/setup.sh`)") from exc
+            state = {"ray": head.to_dict()}  # written now: `down` stops it even if the rest fails
+            _write_state(settings, state)
+    step("ray")
+    try:
+        _start_control_plane_and_api(settings, address)
+    except Exception as exc:  # noqa: BLE001 - Ray's errors, whatever their class, end `up` with their cause
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PlatformError(f"the control plane and the API did not start on the Ray cluster at {address}: "
+                            f"{type(exc).__name__}: {why}") from exc
+    step("control_plane_and_api")
+    _wait_answers(f"{settings.api_url}/api/v1/health", "the API", lambda r: r.json().get("ready") is True)
+    step("api_ready")
+    _wait_answers(ui, "the dashboard", lambda r: r.status_code == 200)
+    step("dashboard_ready")
+    info = {"address": address, "dashboard": settings.ray_dashboard_url,
+            "ray_token_file": str(Path.home() / ".ray" / "auth_token"), "api": settings.api_url,
+            "docs": f"{settings.api_url}/docs", "token_file": str(token_file), "dashboard_ui": ui,
+            "state": settings.state, "results": settings.results, "started_at": time.time(), "took_s": took}
+    _write_state(settings, {**state, **info})
+    return info
+
+
+def _start_control_plane_and_api(settings: Settings, address: str) -> None:
+    """The control plane's actors and the Serve application, their processes starting together."""
     import ray
 
     from eval_actors import control_plane
 
-    ray.init(address=info["address"], namespace=settings.ray_namespace, logging_level="ERROR",
-             log_to_driver=False)
-    control_plane.start(settings)
+    ray.init(address=address, namespace=settings.ray_namespace, logging_level="ERROR", log_to_driver=False)
+    launch = control_plane.launch(settings)
     from ray import serve
 
     from .deployment import APP_NAME, deployment
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its start-up notes are not the user's business
     serve.start(http_options={"host": "127.0.0.1", "port": settings.api_port})
     serve.run(deployment(settings), name=APP_NAME, route_prefix="/", blocking=False)
-    info["api"] = settings.api_url
-    info["docs"] = f"{settings.api_url}/docs"
-    info["token_file"] = str(ensure_admin_token(settings))
-    _wait_ready(settings.api_url)
-    info["dashboard_ui"] = start_dashboard(settings, info["dashboard"])
-    info.update({"state": settings.state, "results": settings.results, "started_at": time.time()})
-    _state_file(settings).write_text(json.dumps(info, indent=2))
-    return info
+    launch.ready()
 
 
-def _wait_ready(api_url: str, timeout: float = 120.0) -> None:
-    """Until the API answers ready (Serve's proxy starts listening a moment after `serve.run`)."""
+def _wait_answers(url: str, what: str, ok: Any, timeout: float = READY_TIMEOUT_S) -> None:
+    """Until GET `url` answers and `ok(response)` (Serve's proxy, and Gradio, start
+    listening a moment after they are deployed or spawned). Raises `PlatformError`."""
     import httpx
 
     deadline = time.monotonic() + timeout
+    last = "no answer"
     while True:
         try:
-            if httpx.get(f"{api_url}/api/v1/health", timeout=5).json().get("ready"):
+            response = httpx.get(url, timeout=5)
+            if ok(response):
                 return
-        except (httpx.HTTPError, ValueError):
-            pass
+            last = f"HTTP {response.status_code}"
+        except (httpx.HTTPError, ValueError) as exc:
+            last = str(exc) or type(exc).__name__
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the API at {api_url} was not ready after {timeout:.0f} s")
-        time.sleep(0.5)
+            raise PlatformError(f"{what} at {url} was not ready after {timeout:.0f} s ({last})")
+        time.sleep(0.1)
 
 
 def ensure_admin_token(settings: Settings) -> Path:
@@ -144,59 +217,103 @@ def _ui_pid_file(settings: Settings) -> Path:
 
 def start_dashboard(settings: Settings, ray_dashboard: str) -> str:
     """The Gradio dashboard in its own process (Gradio wants one), signed in with the
-    local admin token. Idempotent: a running one is kept."""
-    url = f"http://127.0.0.1:{settings.ui_port}"
-    pid_file = _ui_pid_file(settings)
-    if pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text()), 0)
-            return url
-        except (OSError, ValueError):
-            pid_file.unlink(missing_ok=True)
+    local admin token. Idempotent: a running one started the same way is kept. Returns
+    its URL."""
+    argv = [sys.executable, "-m", "ui", "--local-token", "--port", str(settings.ui_port),
+            "--api", settings.api_url, "--ray-dashboard", ray_dashboard]
+    pid = _dashboard_pid(settings)
+    if pid is not None:
+        if _cmdline(pid) == argv:
+            return settings.ui_url
+        stop_dashboard(settings)  # started for other settings
     log = open(settings.home / "dashboard.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "ui", "--local-token", "--port", str(settings.ui_port),
-                             "--api", settings.api_url, "--ray-dashboard", ray_dashboard],
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
-    pid_file.write_text(str(proc.pid))
-    return url
+    _ui_pid_file(settings).write_text(str(proc.pid))
+    return settings.ui_url
+
+
+def _dashboard_pid(settings: Settings) -> int | None:
+    """The pid of the dashboard `start_dashboard` started, if that process still runs it."""
+    try:
+        pid = int(_ui_pid_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    cmd = _cmdline(pid)
+    return pid if cmd[1:3] == ["-m", "ui"] else None  # not a pid reused by another program
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
 
 
 def stop_dashboard(settings: Settings) -> bool:
-    pid_file = _ui_pid_file(settings)
-    if not pid_file.exists():
+    pid = _dashboard_pid(settings)
+    _ui_pid_file(settings).unlink(missing_ok=True)
+    if pid is None:
         return False
     try:
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        stopped = True
-    except (OSError, ValueError):
-        stopped = False
-    pid_file.unlink(missing_ok=True)
-    return stopped
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        return False
+    return True
 
 
 def down(settings: Settings) -> list[str]:
+    """Stop what `up` started (see the module's doc). Returns what was stopped."""
+    stopped: list[str] = ["dashboard"] if stop_dashboard(settings) else []
+    state = _read_state(settings)
+    head = localray.LocalHead.from_dict(state.get("ray") or {})
+    if head is not None and localray.stop(head):
+        stopped.append("ray")  # the control plane and the API ran in it
+    elif settings.ray_address or localray.head_answers(settings.ray_port):
+        stopped += _leave_cluster(settings, settings.ray_address or f"127.0.0.1:{settings.ray_port}")
+    if reap_sandboxes(settings):
+        stopped.append("sandboxes")
+    _state_file(settings).unlink(missing_ok=True)
+    return stopped
+
+
+def reap_sandboxes(settings: Settings) -> int:
+    """Kill the sandboxes the supervisors left (their Ray workers are gone, their runsc and
+    bwrap processes are not: each runs in a session and cgroup of its own); how many."""
+    from cluster.inspect_tasks import reap_owner_workers
+    from cluster.runtimes import reap_owner
+
+    killed = 0
+    for folder in sorted(settings.sandbox_dir.glob(SUPERVISOR_FOLDERS)):
+        try:
+            killed += reap_owner_workers(folder) + reap_owner(folder, settings.runsc_platform)
+        except Exception:  # noqa: BLE001 - one folder's trouble must not keep `down` from the rest
+            logging.getLogger("proctor.platform").exception("could not reap the sandboxes in %s", folder)
+    return killed
+
+
+def _leave_cluster(settings: Settings, address: str) -> list[str]:
+    """On a Ray cluster `up` did not start: remove Proctor's application and actors only."""
     import ray
 
     from eval_actors import control_plane
 
-    stopped: list[str] = ["dashboard"] if stop_dashboard(settings) else []
-    if cluster_running():
-        ray.init(address=f"127.0.0.1:{RAY_PORT}", namespace=settings.ray_namespace, logging_level="ERROR",
-                 log_to_driver=False)
-        from ray import serve
+    ray_token_auth()
+    ray.init(address=address, namespace=settings.ray_namespace, logging_level="ERROR", log_to_driver=False)
+    from ray import serve
 
-        try:
-            serve.shutdown()
-            stopped.append("serve")
-        except Exception:  # Serve was not running
-            pass
-        stopped += control_plane.stop(settings)
-        ray.shutdown()
-        subprocess.run([ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
-        stopped.append("ray")
-    _state_file(settings).unlink(missing_ok=True)
-    return stopped
+    from .deployment import APP_NAME
+
+    gone: list[str] = []
+    try:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        serve.delete(APP_NAME)
+        gone.append("serve")
+    except Exception:  # noqa: BLE001 - Serve was not running there
+        pass
+    gone += control_plane.stop(settings)
+    ray.shutdown()
+    return gone
 
 
 def attach(settings: Settings) -> Any:
@@ -207,10 +324,6 @@ def attach(settings: Settings) -> Any:
 
     if not ray.is_initialized():
         ray_token_auth()
-        address = settings.ray_address or f"127.0.0.1:{RAY_PORT}"
+        address = settings.ray_address or f"127.0.0.1:{settings.ray_port}"
         ray.init(address=address, namespace=settings.ray_namespace, logging_level="ERROR", log_to_driver=False)
     return ControlPlane(settings)
-
-
-def have_ray_cli() -> bool:
-    return shutil.which(ray_bin()) is not None or Path(ray_bin()).exists()

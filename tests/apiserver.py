@@ -29,3 +29,11 @@ def wait_final(client: httpx.Client, token: str, eval_id: str, timeout: float = 
             return ev
         assert time.monotonic() < deadline, ev
         time.sleep(0.3)
+
+
+def stages_spec(name: str) -> dict[str, Any]:
+    """Two samples in a shard each: the first goes through every stage, the second's setup fails."""
+    body = spec(name, samples=2)
+    body["shard_size"] = 1
+    body["dataset"]["samples"][1]["setup"] = "echo broken >&2; exit 3"
+    return body

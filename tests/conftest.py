@@ -82,13 +82,24 @@ def webhook():  # noqa: ANN201 - Iterator[WebhookReceiver]
 
 
 @pytest.fixture(scope="session")
-def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory, webhook):  # noqa: ANN001, ANN201
+def otlp():  # noqa: ANN201 - Iterator[OtlpReceiver]
+    """An OTLP receiver on 127.0.0.1 (tests/otlpreceiver.py); the session's platform traces to it."""
+    from otlpreceiver import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory, webhook, otlp):  # noqa: ANN001, ANN201
     """The session's one Ray cluster (tests/raycluster.py) with the control plane on it;
-    its supervisors send safety alerts to the `webhook` receiver."""
+    its supervisors send safety alerts to the `webhook` receiver. Observed as in production:
+    its processes log JSON lines and trace to the `otlp` receiver."""
     import ray
 
     from eval_actors import control_plane
-    from raycluster import RUNTIMES, cluster_settings, start_cluster
+    from raycluster import RUNTIMES, cluster_settings, start_cluster, stop_cluster
 
     home = sandbox_root / "control-plane"
     home.mkdir(parents=True, exist_ok=True)
@@ -96,7 +107,7 @@ def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory, webhook)
     cluster = start_cluster(dashboard_port=free_port())
     ray.init(address=cluster.address, namespace="proctor-test", logging_level="ERROR", log_to_driver=False)
     settings = cluster_settings(home, results.as_uri(), f"sqlite:///{home}/state.db").model_copy(
-        update={"alert_webhooks": [webhook.url]})
+        update={"alert_webhooks": [webhook.url], "otel_endpoint": otlp.http_url, "log_format": "json"})
     try:
         yield control_plane.start(settings, runtime_factory=RUNTIMES)
     finally:
@@ -108,7 +119,7 @@ def plane(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory, webhook)
             pass
         control_plane.stop(settings)
         ray.shutdown()
-        cluster.shutdown()
+        stop_cluster(cluster)
 
 
 @pytest.fixture(scope="session")

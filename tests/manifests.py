@@ -306,6 +306,39 @@ def podmonitor_errors(obj: dict[str, Any]) -> list[str]:
     return schema_errors(obj, PODMONITOR_SCHEMA, f"PodMonitor {obj.get('metadata', {}).get('name')}")
 
 
+_DURATION = {"type": "string", "pattern": r"^(0|(\d+(ms|s|m|h|d|w|y))+)$"}
+_RULE_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+PROMETHEUSRULE_SCHEMA = {
+    # monitoring.coreos.com/v1 PrometheusRule as prometheus-operator's CRD has it (the part
+    # kuberay/monitoring uses; tests/test_monitoring.py runs promtool on the rules themselves)
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["groups"], "properties": {
+            "groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1}, "interval": _DURATION,
+                    "rules": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "additionalProperties": False, "required": ["expr"],
+                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        "properties": {
+                            "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                            "record": {"type": "string"}, "expr": {"type": "string", "minLength": 1},
+                            "for": _DURATION, "keep_firing_for": _DURATION,
+                            "labels": _RULE_LABELS, "annotations": _RULE_LABELS,
+                        }}},
+                }}},
+        }},
+    },
+}
+
+
+def prometheusrule_errors(obj: dict[str, Any]) -> list[str]:
+    return schema_errors(obj, PROMETHEUSRULE_SCHEMA, f"PrometheusRule {obj.get('metadata', {}).get('name')}")
+
+
 # ------------------------------------------------------------------------------ serveConfigV2
 
 def serve_config_errors(text: str) -> list[str]:

@@ -102,6 +102,20 @@ class PostgresServer:
         self._as_owner("psql", "-h", str(self.root), "-p", str(self.port), "-U", "postgres", "-d", "postgres",
                        "-v", "ON_ERROR_STOP=1", "-qc", sql)
 
+    def halt(self) -> None:
+        """Stop the server as an upgrade or a failover does (`pg_ctl stop -m fast`: open
+        connections are terminated); `resume()` starts it again on the same port and data."""
+        self._as_owner("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        self._as_owner("pg_ctl", "-D", str(self.data), "-l", str(self.data.parent / "server.log"), "-w", "-t", "60",
+                       "start")
+
+    def restart(self) -> None:
+        """`pg_ctl restart -m fast`: connections terminated, the server back a moment later."""
+        self._as_owner("pg_ctl", "-D", str(self.data), "-l", str(self.data.parent / "server.log"), "-m", "fast",
+                       "-w", "-t", "60", "restart")
+
     def stop(self) -> None:
         if self.root is None:
             return

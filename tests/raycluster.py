@@ -11,6 +11,8 @@ the real local runtimes (`SimulateRemoteRuntimes`).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,28 @@ NODES = {
 
 
 def start_cluster(dashboard_port: int | None = None) -> Any:
+    """The cluster, its files (sockets, logs, and the address file `ray_current_cluster`) in
+    a temporary folder of its own (`cluster.temp_dir`; `stop_cluster` removes it), not the
+    machine's shared /tmp/ray: a Ray CLI or job on this machine that looks for "the" local
+    cluster (the newest address file there) must not find this one instead of its own."""
     from ray.cluster_utils import Cluster
 
-    head = dict(NODES["head"], dashboard_agent_listen_port=free_port())
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live under it
+    head = dict(NODES["head"], dashboard_agent_listen_port=free_port(), temp_dir=temp_dir)
     if dashboard_port:
         head.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster.temp_dir = temp_dir
     # free ports for every agent: another Ray on this machine must not take the job agent's
-    cluster.add_node(**NODES["h100"], dashboard_agent_listen_port=free_port())
-    cluster.add_node(**NODES["a100"], dashboard_agent_listen_port=free_port())
+    cluster.add_node(**NODES["h100"], dashboard_agent_listen_port=free_port(), temp_dir=temp_dir)
+    cluster.add_node(**NODES["a100"], dashboard_agent_listen_port=free_port(), temp_dir=temp_dir)
     cluster.wait_for_nodes()
     return cluster
+
+
+def stop_cluster(cluster: Any) -> None:
+    cluster.shutdown()
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
 def cluster_settings(home: Path, results_uri: str, state_url: str) -> Settings:

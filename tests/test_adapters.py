@@ -19,7 +19,7 @@ from proctor.harness.adapters import (
 )
 from proctor.harness.channel import Cancelled, Channel
 from proctor.harness.scorers import build_scorer
-from proctor.policies import echo, file_agent
+from proctor.scripted import echo, file_agent
 from proctor.protocol import ShardSample
 from proctor.spec import (
     ChoiceScorer,

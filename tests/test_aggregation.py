@@ -135,6 +135,21 @@ def test_a_rerun_shard_replaces_the_rows_of_its_earlier_attempt(settings: Settin
     assert set(df[df["shard_id"] == "00000"]["attempt"]) == {2}
 
 
+def test_streamed_then_complete_rows_of_one_attempt_read_as_that_attempt(settings: Settings) -> None:
+    """The supervisor writes a shard's rows twice (streamed, then complete), as two
+    aggregation attempts that order the parts; the rows carry the shard's own attempt."""
+    agg = Aggregator(settings.results, settings)
+    agg.open("ev-r", SCORERS)
+    run_jobs(agg.add("ev-r", "00000", 1, records("00000", range(3)), row_attempt=1), settings)
+    run_jobs(agg.flush("ev-r"), settings)
+    run_jobs(agg.add("ev-r", "00000", 2, records("00000", range(5)), row_attempt=1), settings)
+    run_jobs(agg.finish_shard("ev-r", "00000", 2), settings)
+    assert all("-a1-" in uri for uri in agg.drop_superseded("ev-r", "00000", 2))
+    df = read_root(settings)
+    assert len(df) == 5 and set(df["attempt"]) == {1}
+    assert [p.attempt for p in agg.store.parts("ev-r")] == [2]  # the parts keep their own order
+
+
 def test_records_of_a_superseded_attempt_are_dropped(settings: Settings) -> None:
     agg = Aggregator(settings.results, settings)
     agg.open("ev-e", SCORERS)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from apiserver import auth, spec, wait_final
+from apiserver import auth, spec, stages_spec, wait_final
 
 pytestmark = pytest.mark.ray
 
@@ -17,7 +17,9 @@ pytestmark = pytest.mark.ray
 def test_health_and_docs_need_no_token(api: Any) -> None:
     client, _, _ = api
     health = client.get("/api/v1/health").json()
-    assert health["ready"] is True and health["checks"] == {"store": "ok", "control_plane": "ok"}
+    assert health["ready"] is True
+    assert health["checks"] == {"store": "ok", "control_plane": "ok", "results_store": "ok"}
+    assert health["results_store"]["degraded"] is False and health["results_store"]["waiting"] == 0
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/v1/evaluations", "/api/v1/evaluations/{eval_id}", "/api/v1/evaluations/{eval_id}/stop",
@@ -55,6 +57,26 @@ def test_invalid_spec_is_422_naming_fields_and_stores_nothing(api: Any) -> None:
     assert r.status_code == 422
     fields = {f["field"] for f in r.json()["error"]["fields"]}
     assert {"sandbox.memroy", "epochs"} <= fields
+    assert len(store.list_evaluations(limit=500)[0]) == before
+
+
+@pytest.mark.parametrize(("image", "runtime", "reason"), [
+    ("ctf-task:1", "gvisor", "image 'ctf-task:1' is not in the image store"),
+    ("sha256:" + "b" * 64, "bubblewrap", "no image has the digest"),
+    ("ctf-task:1", "kubernetes", "the kubernetes runtime runs images from a registry by digest only"),
+    ("Not An Image", "gvisor", "is not an image reference"),
+])
+def test_a_spec_whose_image_cannot_run_is_422_and_stores_nothing(api: Any, image: str, runtime: str,
+                                                                 reason: str) -> None:
+    client, tokens, store = api
+    before = len(store.list_evaluations(limit=500)[0])
+    body = spec("imaged", image=image)
+    body["sandbox"]["runtime"] = runtime
+    r = client.post("/api/v1/evaluations", json=body, headers=auth(tokens["rita"]))
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_spec"
+    assert error["fields"][0]["field"] == "sandbox.image" and reason in error["fields"][0]["reason"]
     assert len(store.list_evaluations(limit=500)[0]) == before
 
 
@@ -140,3 +162,22 @@ def test_serve_config_file_deploys_the_same_app(plane: Any) -> None:
 
     assert isinstance(built, Application)
     assert app.deployments[0].name == "ProctorAPI"
+
+
+def test_the_shard_and_sample_views_time_each_stage(api: Any) -> None:
+    client, tokens, _ = api
+    eval_id = client.post("/api/v1/evaluations", json=stages_spec("api-stages"),
+                          headers=auth(tokens["rita"])).json()["id"]
+    wait_final(client, tokens["rita"], eval_id)
+    shards = client.get(f"/api/v1/evaluations/{eval_id}/shards", headers=auth(tokens["rita"])).json()["shards"]
+    (ok,) = [x for x in shards if not x["failed_stages"]]
+    (bad,) = [x for x in shards if x["failed_stages"]]
+    assert list(ok["stages"]) == ["setup", "eval", "score", "cleanup"] and all(v >= 0 for v in ok["stages"].values())
+    assert bad["failed_stages"] == {"setup": 1}
+    assert "setup" in bad["stages"] and "eval" not in bad["stages"]  # it ended in setup: no agent, no score
+    rows = client.get(f"/api/v1/evaluations/{eval_id}/results", headers=auth(tokens["rita"])).json()["rows"]
+    by_id = {r["sample_id"]: r for r in rows}
+    assert list(by_id["0"]["stages"]) == ["setup", "eval", "score", "cleanup"] and by_id["0"]["failed_stage"] is None
+    assert by_id["1"]["failed_stage"] == "setup" and "eval" not in by_id["1"]["stages"]
+    # the shard's figures are its rows' sums
+    assert ok["stages"] == pytest.approx(by_id["0"]["stages"])

@@ -87,7 +87,7 @@ def test_artifacts_listed_and_downloaded(api: Any, finished: dict[str, Any]) -> 
 
 def test_any_artifact_name_makes_a_valid_download_header() -> None:
     """A sandbox names its artifacts: any text must give a header that HTTP can carry."""
-    from serve_app.api import attachment
+    from serve_app.routes.results import attachment
 
     for name in ["结果.txt", 'a"b;c%.txt', "tab\there.txt", "x" * 300]:
         header = attachment(name)
@@ -269,6 +269,9 @@ def test_prometheus_metrics(api: Any) -> None:
             "proctor_model_gateway_calls", "proctor_model_gateway_tokens", "proctor_safety_violations",
             "proctor_api_request_duration_seconds"} <= names
     assert all(n.startswith("proctor_") for n in names)
+    answered = {(x.labels["method"], x.labels["route"], x.labels["status"])
+                for x in after["proctor_api_request_duration_seconds"].samples if x.name.endswith("_count")}
+    assert {("GET", "/api/v1/evaluations/{eval_id}", "200"), ("POST", "/api/v1/evaluations", "202")} <= answered
     assert after["proctor_submissions"].type == "counter"
     assert _value(after["proctor_submissions"], "proctor_submissions_total") >= \
         _value(before["proctor_submissions"], "proctor_submissions_total") + 1
@@ -294,18 +297,33 @@ def test_shards_and_spec_of_an_evaluation(api: Any, finished: dict[str, Any]) ->
     assert client.get(f"/api/v1/evaluations/{finished['id']}/shards", headers=auth(tokens["rob"])).status_code == 404
 
 
+def test_a_first_attempt_reads_1_in_rows_shards_and_logs(api: Any, finished: dict[str, Any]) -> None:
+    """One meaning of `attempt` (1-based) everywhere: the rows as the platform wrote them
+    (with the columns and types cluster/results.py documents), the shards API, the logs."""
+    from schemadoc import documented_columns, type_name
+
+    client, tokens, _ = api
+    written = pq.read_table(finished["results_uri"].removeprefix("file://"))
+    assert [(f.name, type_name(f.type)) for f in written.schema] == [(n, t) for n, t, _ in documented_columns()]
+    assert set(written["attempt"].to_pylist()) == {1} and written.num_rows == 3
+    shards = client.get(f"/api/v1/evaluations/{finished['id']}/shards", headers=auth(tokens["rita"])).json()
+    assert [(x["attempt"], x["max_attempts"]) for x in shards["shards"]] == [(1, 3)]
+    logs = client.get(f"/api/v1/evaluations/{finished['id']}/logs", headers=auth(tokens["rita"])).text.splitlines()
+    assert logs and {json.loads(x)["attempt"] for x in logs} == {1}
+
+
 def test_resources_of_a_finished_and_a_running_evaluation(api: Any, finished: dict[str, Any]) -> None:
     client, tokens, _ = api
     got = client.get(f"/api/v1/evaluations/{finished['id']}/resources", headers=auth(tokens["rita"])).json()
     [shard] = got["shards"]
-    assert (shard["shard_id"], shard["attempt"], shard["live"]) == ("00000", 0, False)
+    assert (shard["shard_id"], shard["attempt"], shard["live"]) == ("00000", 1, False)
     assert shard["samples"] and all(x["t"] > 0 and len(x) > 1 for x in shard["samples"]), shard
     assert got["gpus_per_shard"] == 0 and got["gpu_type"] is None
     assert client.get(f"/api/v1/evaluations/{finished['id']}/resources",
                       headers=auth(tokens["rob"])).status_code == 404
 
     body = spec("resources-live", samples=1)
-    body.update(model={"adapter": "python", "callable": "proctor.policies.file_agent:solve"}, agentic=True,
+    body.update(model={"adapter": "python", "callable": "proctor.scripted.file_agent:solve"}, agentic=True,
                 scorers=[{"type": "includes"}])
     body["dataset"]["samples"][0]["metadata"] = {"commands": ["sleep 6"], "answer": body["dataset"]["samples"][0]["target"]}
     eval_id = client.post("/api/v1/evaluations", json=body, headers=auth(tokens["rita"])).json()["id"]

@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md and the public face, checked."""
+"""The layers of docs/architecture.md and the public face, checked."""
 
 from __future__ import annotations
 
@@ -20,10 +20,28 @@ def test_import_contracts_hold() -> None:
 
 
 def test_public_face_is_declared() -> None:
-    assert proctor.__all__ == ["EvaluationSpec", "SpecError", "load_spec", "parse_spec", "Client", "AsyncClient",
-                               "ProctorError", "__version__"]
+    import proctor.client
+    import proctor.spec
+
     for name in proctor.__all__:
         assert getattr(proctor, name) is not None
+    errors = {name for name, value in vars(proctor.client).items()
+              if isinstance(value, type) and issubclass(value, proctor.client.ProctorError)}
+    assert errors <= set(proctor.__all__), "every error the client raises is exported from proctor"
+    assert {"Client", "AsyncClient", "Evaluation", "EvaluationSpec", "load_spec", "parse_spec"} <= set(proctor.__all__)
+    assert "ValidationError" not in proctor.__all__  # pydantic's name; the client's 422 is InvalidRequestError
+    assert isinstance(proctor.client.error_of(422, {}), proctor.InvalidRequestError)
+
+
+def test_one_vocabulary_of_statuses() -> None:
+    from cluster.state.models import EVALUATION_STATUSES, SHARD_STATUSES, TRANSITIONS
+    from proctor.statuses import STATUSES, TERMINAL
+    from proctor.statuses import SHARD_STATUSES as SHARDS
+
+    assert set(EVALUATION_STATUSES) == set(STATUSES) and set(SHARD_STATUSES) == set(SHARDS)
+    assert {s for s, targets in TRANSITIONS["evaluation"].items() if not targets} == TERMINAL
+    dashboard = (ROOT / "ui" / "dashboard.py").read_text()
+    assert "STATUSES" in dashboard and '"safety_stopped"' not in dashboard  # offers every status, from the one list
 
 
 def test_harness_start_imports_nothing_heavy() -> None:

@@ -192,6 +192,48 @@ def test_results_as_parquet_on_stdout_of_the_installed_program(api: Any, submitt
     assert pq.read_table(io.BytesIO(done.stdout))["sample_id"].to_pylist() == ["0"]
 
 
+def test_results_into_a_pipe_that_closes_end_quietly(api: Any, tmp_path: Path) -> None:
+    """`proctor results ... --format csv | head -1`, as the README's users run it: head
+    leaves after a line; proctor stops without a traceback, as Unix tools do."""
+    body = spec(f"cli-{TAG}-pipe", samples=1500)
+    body["shard_size"] = 1500
+    created = api[0].post("/api/v1/evaluations", json=body, headers={"Authorization": f"Bearer {api[1]['rita']}"})
+    eval_id = created.json()["id"]
+    assert wait_final(api[0], api[1]["rita"], eval_id, timeout=300)["status"] == "succeeded"
+    command = (f"set -o pipefail; {PROCTOR} results {eval_id} --format csv --url {api[0].base_url} "
+               f"--token {api[1]['rita']} | head -1")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("schema_version,shard_id,sample_id,")  # the rows are far more than a pipe holds
+    assert done.stderr == "", done.stderr
+    assert done.returncode == 128 + 13  # pipefail: proctor's status, as if SIGPIPE had ended it
+
+
+def test_results_of_an_evaluation_made_by_proctor_run(api: Any, tmp_path: Path, capsys: Any, sandbox_root: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`proctor run` writes to the local results root and the platform never hears of it:
+    `proctor results` finds it there, whether the API answers 404 or is not running."""
+    path = write_spec(tmp_path, f"cli-{TAG}-local")
+    home = sandbox_root / f"cli-local-{TAG}"  # the sandbox user reaches its workspace there
+    monkeypatch.setenv("PROCTOR_HOME", str(home))
+    monkeypatch.setenv("PROCTOR_RESULTS_URI", (tmp_path / "local-results").as_uri())
+    assert main(["run", str(path), "--json"]) == EXIT_OK
+    (ran,) = json.loads(capsys.readouterr().out)
+    eval_id = ran["eval_id"]
+    url, token = str(api[0].base_url), api[1]["rita"]
+    assert main(["status", eval_id, "--url", url, "--token", token]) == EXIT_BAD_INPUT  # the platform: no such id
+    capsys.readouterr()
+    assert main(["results", eval_id, "--format", "csv", "--url", url, "--token", token]) == EXIT_OK
+    out, err = capsys.readouterr()
+    header, row = out.splitlines()
+    assert header.startswith("schema_version,shard_id,sample_id") and ",0," in row
+    assert "local results root" in err and "proctor run" in err
+    down = f"http://127.0.0.1:{free_port()}"
+    assert main(["results", eval_id, "--json", "--url", down, "--token", token]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)[0]["attempt"] == 1
+    assert main(["results", "ev-nowhere", "--url", url, "--token", token]) == EXIT_BAD_INPUT
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_stop_cancel_and_emergency(cli: Any, tmp_path: Path, capsys: Any, api: Any) -> None:
     cancel = slow_spec(tmp_path, f"cli-{TAG}-cancel")
     emergency = slow_spec(tmp_path, f"cli-{TAG}-emergency")
@@ -205,6 +247,10 @@ def test_stop_cancel_and_emergency(cli: Any, tmp_path: Path, capsys: Any, api: A
     assert stopped["id"] == second and stopped["stopped"] is True
     for eval_id in (first, second):
         assert wait_final(api[0], api[1]["rita"], eval_id)["status"] == "cancelled"
+        assert cli("status", eval_id) == EXIT_FAILED  # the exit codes: 1 for a cancelled evaluation
+        assert "cancelled" in capsys.readouterr().out
+        assert cli("status", eval_id, "--json") == EXIT_FAILED
+        assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
     assert cli("stop", second) == EXIT_OK
     assert capsys.readouterr().out == f"{second} had already ended (status cancelled)\n"
     assert cli("stop") == EXIT_BAD_INPUT

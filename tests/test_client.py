@@ -19,7 +19,7 @@ from apiserver import spec
 from ports import free_port
 from proctor import AsyncClient, Client, ProctorError
 from proctor.client import (AuthenticationError, ConflictError, Evaluation, NotFoundError, PermissionDeniedError,
-                            RateLimitError, UnavailableError, ValidationError, error_of)
+                            RateLimitError, UnavailableError, InvalidRequestError, error_of)
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +29,7 @@ TAG = uuid.uuid4().hex[:6]  # names of this module's evaluations, for filtering 
 def agentic_spec(name: str) -> dict[str, Any]:
     """One sample solved by the scripted file agent: it logs its tool calls and leaves answer.txt."""
     return {"name": name, "labels": {"suite": f"client-{TAG}"},
-            "model": {"adapter": "python", "callable": "proctor.policies.file_agent:solve"}, "agentic": True,
+            "model": {"adapter": "python", "callable": "proctor.scripted.file_agent:solve"}, "agentic": True,
             "dataset": {"samples": [{"id": "upper", "input": "Upper-case name.txt into answer.txt.",
                                      "target": "PROCTOR", "files": {"name.txt": "proctor\n"},
                                      "metadata": {"commands": ["tr a-z A-Z < name.txt > answer.txt"]}}]},
@@ -350,13 +350,13 @@ def test_viewer_submit_is_permission_denied(as_user: Any) -> None:
 def test_invalid_spec_raises_validation_error_naming_every_field(as_user: Any, tmp_path: Path) -> None:
     bad = spec(memroy="1Gi")
     bad["epochs"] = 0
-    with pytest.raises(ValidationError) as invalid:
+    with pytest.raises(InvalidRequestError) as invalid:
         as_user("rita").submit(bad)
     assert invalid.value.status == 422 and invalid.value.code == "invalid_spec"
     assert {"sandbox.memroy", "epochs"} <= {f["field"] for f in invalid.value.fields}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(ValidationError) as local:  # a file is checked before it is sent
+    with pytest.raises(InvalidRequestError) as local:  # a file is checked before it is sent
         as_user("rita").submit(path)
     assert {"sandbox.memroy", "epochs"} <= {f["field"] for f in local.value.fields}
     assert "sandbox.memroy" in str(local.value)

@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import ray
 
+from cluster.runtimes import LOCAL_RUNTIMES
+from cluster.runtimes.cgroups import CgroupSet
 from eval_actors import control_plane
 from eval_actors.control_plane import AGGREGATOR, SCHEDULER, ControlPlane, supervisor_names
 from proctor.spec import load_spec
@@ -167,6 +169,13 @@ def _runsc_leftovers(home: Path) -> list[str]:
     return found
 
 
+def _cgroup_leftovers(home: Path) -> list[str]:
+    """The cgroups of sandboxes of any supervisor's runtime folder (the sandboxes a killed
+    supervisor left must have been reaped by its next life)."""
+    return [str(group.dirs) for folder in home.glob("sandboxes/*/*") for cls in LOCAL_RUNTIMES.values()
+            for group in CgroupSet.owned(cls.owner_of(folder))]
+
+
 @pytest.mark.parametrize("victim", ["scheduler", "supervisor", "aggregator"])
 def test_killing_an_actor_mid_run_loses_and_doubles_nothing(plane: ControlPlane, victim: str) -> None:
     ids = [plane.submit(_slow_spec(f"kill-{victim}-{i}")) for i in range(3)]
@@ -196,6 +205,7 @@ def test_killing_an_actor_mid_run_loses_and_doubles_nothing(plane: ControlPlane,
         assert not df.duplicated(["sample_id", "epoch"]).any()
         assert df["score"].mean() == 1.0
     assert _runsc_leftovers(plane.settings.home) == []
+    assert _cgroup_leftovers(plane.settings.home) == []
 
 
 def test_a_ray_job_submits_evaluations_and_gets_results(plane: ControlPlane) -> None:

@@ -182,6 +182,26 @@ def test_cancel_stops_a_running_shard(runtime: SandboxRuntime, settings: Setting
     assert result.duration_s < 10
 
 
+def test_processes_at_the_pids_limit_are_reported_and_the_harness_carries_on(runtime: SandboxRuntime,
+                                                                              settings: Settings) -> None:
+    """An agent that fills its sandbox's pids limit with background commands: the runtime
+    holds it there, the resource monitor reports `resources/pids` (here with action
+    `record`, so the shard goes on), and the harness keeps what it needs to finish."""
+    spec = spec_with(
+        model={"adapter": "python", "callable": "proctor.scripted.file_agent:solve"}, agentic=True,
+        dataset={"samples": [{"id": "p", "input": "Start processes.", "target": "done",
+                              "metadata": {"commands": ["for i in $(seq 1 200); do sleep 30 & done", "echo after"]}}]},
+        scorers=[{"type": "includes"}], sandbox={"timeout_s": 60, "memory": "256Mi", "pids": 64},
+        safety={"resources": {"action": "record"}})
+    result = run(spec, settings, runtime)
+    (outcome,) = result.outcomes
+    assert (outcome.status, outcome.exit.exit_code) == ("succeeded", 0), (outcome.error, outcome.exit)
+    broken = [v for v in outcome.safety.violations if (v["monitor"], v["rule"]) == ("resources", "pids")]
+    assert broken and broken[0]["action"] == "record", outcome.safety.violations
+    (record,) = outcome.records
+    assert record.error is None and record.output == "done" and record.turns == 3
+
+
 def test_forged_events_from_the_sandbox_do_not_count(runtime: SandboxRuntime, settings: Settings) -> None:
     forger = (
         "import json, sys\n"
@@ -227,65 +247,12 @@ def test_cli_run_prints_json_summary(settings: Settings, tmp_path: Path) -> None
     assert summary["results_uri"].startswith(settings.results)
 
 
-@pytest.mark.parametrize("name, why", [
-    ("0-e1/answer.txt", None),
-    ("0-e1/deep/er/notes.log", None),  # "**/*.log" also matches no folder at all, as glob does
-    ("0-e1/notes.log", None),
-    ("", "1 to 1,024 characters"),
-    ("0-e1/../../etc/passwd", "leaves the workspace"),
-    ("/etc/passwd", "leaves the workspace"),
-    ("0-e1/./answer.txt", "empty parts"),
-    ("0-e1//answer.txt", "empty parts"),
-    ("0-e1/an\x00swer.txt", "control characters"),
-    ("0-e1/a\nb.txt", "control characters"),
-    ("0-e1/" + "x" * 300 + ".txt", "over 255 bytes"),
-    ("0-e1/secret.key", "matches none of the spec's sandbox.artifacts patterns"),
-    ("answer.txt", "matches none"),  # not under a sample's folder
-])
-def test_artifact_names_a_sandbox_may_report(name: str, why: str | None) -> None:
-    from eval_actors.shard_executor import artifact_name_problem
-
-    problem = artifact_name_problem(name, ["answer.txt", "**/*.log"])
-    assert (problem is None) if why is None else (problem is not None and why in problem), problem
-    assert artifact_name_problem("0-e1/answer.txt", []) is not None  # none declared: none kept
-
-
-def test_artifacts_are_read_without_following_a_planted_symlink(tmp_path: Path) -> None:
-    """The workspace is the sandbox's: a symlinked folder in it must not lead the host's
-    reader out (O_NOFOLLOW alone guards only the last part of the path)."""
-    from types import SimpleNamespace
-
-    from eval_actors.shard_executor import ShardExecutor, ShardWork, _Run, open_beneath
-
-    outside = tmp_path / "host"
-    outside.mkdir()
-    (outside / "secret.txt").write_text("host secret")
-    ws = tmp_path / "ws"
-    (ws / "0-e1" / "real").mkdir(parents=True)
-    (ws / "0-e1" / "real" / "answer.txt").write_text("4")
-    (ws / "0-e1" / "link").symlink_to(outside)
-    os.close(open_beneath(ws, Path("0-e1/real/answer.txt")))
-    with pytest.raises(OSError):
-        open_beneath(ws, Path("0-e1/link/secret.txt"))
-
-    spec = parse_spec({"name": "links", "model": {"adapter": "reference"}, "scorers": [{"type": "exact"}],
-                       "dataset": {"samples": [{"id": "0", "input": "q", "target": "a"}]},
-                       "sandbox": {"runtime": "gvisor", "artifacts": ["**/*.txt"]}})
-    runtime = SimpleNamespace(shares_workspace=True, name="gvisor", isolation="strong")
-    executor = ShardExecutor(runtime, None, tmp_path / "sbx")  # type: ignore[arg-type]
-    run = _Run(ShardWork("ev-l", "s0", spec, tuple(spec.dataset.samples or ())), {})
-    for path in ("0-e1/real/answer.txt", "0-e1/link/secret.txt", "0-e1/real/answer.txt"):
-        executor._collect_artifact(run, ws, SimpleNamespace(path=path))
-    assert run.artifacts == [("0-e1/real/answer.txt", b"4")]
-    reasons = " | ".join(r.reason for r in run.rejections)
-    assert "'0-e1/link/secret.txt'" in reasons and "clashes with the artifact '0-e1/real/answer.txt'" in reasons
-
-
 def test_a_stopped_shards_rows_are_not_streamed() -> None:
     """Rows stream to the aggregator while a shard runs (the API serves them as partial
     results); once its guard has stopped it, the rest goes to the quarantine only."""
     from types import SimpleNamespace
 
+    from eval_actors.artifacts import ArtifactCollector
     from eval_actors.shard_executor import ShardExecutor, ShardWork, _Run
     from proctor.policy import Rule, SafetyPolicy
     from proctor.protocol import SampleEvent
@@ -299,7 +266,8 @@ def test_a_stopped_shards_rows_are_not_streamed() -> None:
         executor = ShardExecutor(runtime, None, tmp)  # type: ignore[arg-type]
         streamed: list[str] = []
         run = _Run(ShardWork("ev-s", "s0", spec, tuple(spec.dataset.samples or ())),
-                   {(s.id, 1): s for s in spec.dataset.samples or ()}, on_record=lambda r: streamed.append(r.sample_id))
+                   {(s.id, 1): s for s in spec.dataset.samples or ()}, ArtifactCollector([], tmp),
+                   on_record=lambda r: streamed.append(r.sample_id))
 
         async def stopped(_v: Any) -> None:
             return None
@@ -308,7 +276,7 @@ def test_a_stopped_shards_rows_are_not_streamed() -> None:
         run.guard = SafetyGuard(policy, [], stopped)
         for i, output in enumerate(["a", "BOOM", "a"]):
             executor._handle(run, SampleEvent(seq=i, sample_id=str(i), epoch=1, input="q", target="a", output=output),
-                             None, tmp, set())
+                             None, set())
         await run.guard.close()
         return streamed, sorted(k[0] for k in run.records)
 
@@ -317,3 +285,68 @@ def test_a_stopped_shards_rows_are_not_streamed() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         streamed, kept = asyncio.run(go(Path(tmp)))
     assert streamed == ["0"] and kept == ["0", "1", "2"]  # all kept for the quarantine, one streamed
+
+
+def test_samples_finished_after_an_emergency_stop_are_marked_and_not_streamed() -> None:
+    """A sample event that arrives once the emergency stop was requested raced the kill: its
+    row says so and carries no score, and it is not streamed as a result."""
+    from types import SimpleNamespace
+
+    from eval_actors.artifacts import ArtifactCollector
+    from eval_actors.shard_executor import ShardExecutor, _Run
+    from eval_actors.shard_work import LATE_SAMPLE, ShardWork, StopSignal
+    from proctor.protocol import SampleEvent
+
+    spec = parse_spec({"name": "late", "model": {"adapter": "reference"}, "scorers": [{"type": "exact"}],
+                       "dataset": {"samples": [{"id": str(i), "input": "q", "target": "a"} for i in range(3)]}})
+    runtime = SimpleNamespace(shares_workspace=True, name="gvisor", isolation="strong")
+
+    async def go(tmp: Path) -> tuple[list[str], dict[str, Any]]:
+        executor = ShardExecutor(runtime, None, tmp)  # type: ignore[arg-type]
+        streamed: list[str] = []
+        stop = StopSignal()
+        run = _Run(ShardWork("ev-l", "s0", spec, tuple(spec.dataset.samples or ())),
+                   {(s.id, 1): s for s in spec.dataset.samples or ()}, ArtifactCollector([], tmp),
+                   on_record=lambda r: streamed.append(r.sample_id), stop=stop)
+        for i in range(3):
+            if i == 1:
+                stop.stop(hard=True, reason="emergency stop")
+            executor._handle(run, SampleEvent(seq=i, sample_id=str(i), epoch=1, input="q", target="a", output="a",
+                                              scores={"exact": {"value": 1.0}}), None, set())
+        return streamed, {k[0]: r for k, r in run.records.items()}
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        streamed, records = asyncio.run(go(Path(tmp)))
+    assert streamed == ["0"]
+    assert records["0"].scores == {"exact": 1.0} and records["0"].error is None
+    assert [(records[k].scores, records[k].error) for k in ("1", "2")] == [({}, LATE_SAMPLE)] * 2
+
+
+def test_a_shard_stopped_before_its_sandbox_started_starts_none(runtime: SandboxRuntime, settings: Settings,
+                                                                 tmp_path: Path) -> None:
+    from eval_actors.shard_executor import ShardExecutor
+    from eval_actors.shard_work import ShardWork, StopSignal
+
+    spec = spec_with(dataset={"samples": [{"id": "0", "input": "x"}]})
+    launched: list[Any] = []
+
+    class Counting:  # the real runtime, counting launches
+        def __getattr__(self, name: str) -> Any:
+            return getattr(runtime, name)
+
+        async def launch(self, request: Any) -> Any:
+            launched.append(request)
+            return await runtime.launch(request)
+
+    async def go() -> Any:
+        stop = StopSignal()
+        stop.stop(hard=True, reason="emergency stop")
+        executor = ShardExecutor(Counting(), None, tmp_path / "sbx")  # type: ignore[arg-type]
+        return await executor.run(ShardWork("ev-n", "s0", spec, tuple(spec.dataset.samples or ())), cancel=stop)
+
+    outcome = asyncio.run(go())
+    assert launched == [] and outcome.status == "cancelled"
+    assert "emergency stop before its sandbox started" in (outcome.error or "")
+    assert outcome.records and all(r.scores == {} for r in outcome.records)

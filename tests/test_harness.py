@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from proctor.protocol import EventParser
+from proctor.protocol import PROTOCOL_VERSION, EventParser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def shard(samples: list[dict[str, Any]], model: dict[str, Any] | None = None, **
 
 
 def file_agent(**params: Any) -> dict[str, Any]:
-    return {"adapter": "python", "callable": "proctor.policies.file_agent:solve", "params": params}
+    return {"adapter": "python", "callable": "proctor.scripted.file_agent:solve", "params": params}
 
 
 def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -126,7 +126,7 @@ def assert_valid_stream(harness: Harness) -> None:
 def test_ready_event_comes_before_the_shard_is_sent(start_harness):
     harness = start_harness()
     first = harness.next(timeout=10)
-    assert first == {"v": 1, "seq": 0, "type": "log", "level": "info", "message": "harness ready (protocol 1)"}
+    assert first == {"v": PROTOCOL_VERSION, "seq": 0, "type": "log", "level": "info", "message": "harness ready (protocol 2)"}
 
 
 def test_every_sample_and_epoch_is_reported_and_done_comes_last(start_harness, tmp_path):
@@ -134,9 +134,9 @@ def test_every_sample_and_epoch_is_reported_and_done_comes_last(start_harness, t
     harness = start_harness(shard(samples, epochs=[1, 2], scorers=[{"type": "exact"}, {"type": "includes", "name": "inc"}]))
     events = harness.finish()
     assert harness.proc.returncode == 0
-    assert events[0]["message"] == "harness ready (protocol 1)"
+    assert events[0]["message"] == "harness ready (protocol 2)"
     assert [e["seq"] for e in events] == list(range(len(events)))
-    assert events[-1] == {"v": 1, "seq": len(events) - 1, "type": "done", "status": "ok", "error": None, "samples": 6}
+    assert events[-1] == {"v": PROTOCOL_VERSION, "seq": len(events) - 1, "type": "done", "status": "ok", "error": None, "samples": 6}
     reported = [(e["sample_id"], e["epoch"]) for e in of_type(events, "sample")]
     assert sorted(reported) == sorted((f"q{i}", epoch) for i in range(3) for epoch in (1, 2))
     last_progress = of_type(events, "progress")[-1]
@@ -311,7 +311,7 @@ def test_sample_file_outside_its_directory_is_refused(start_harness, tmp_path):
 
 def test_oversized_output_is_cut_so_every_event_stays_valid(start_harness):
     sample = {"id": "big", "input": "x", "metadata": {"answer": "\u0001" * 300_000}}
-    harness = start_harness(shard([sample], model={"adapter": "python", "callable": "proctor.policies.echo:answer"}))
+    harness = start_harness(shard([sample], model={"adapter": "python", "callable": "proctor.scripted.echo:answer"}))
     (event,) = of_type(harness.finish(), "sample")
     assert 0 < len(event["output"]) <= 256 * 1024
     assert "characters cut" in event["output"]

@@ -29,13 +29,15 @@ PLATFORM_IMAGE = "ghcr.io/proctor-dev/proctor"
 HARNESS_IMAGE = "ghcr.io/proctor-dev/proctor-harness"
 # kinds kubernetes-validate has no schema for, and what checks them instead
 CRD_KINDS = {("ray.io/v1", "RayService"): "KubeRay's CRD schemas and checks",
-             ("monitoring.coreos.com/v1", "PodMonitor"): "manifests.PODMONITOR_SCHEMA"}
+             ("monitoring.coreos.com/v1", "PodMonitor"): "manifests.PODMONITOR_SCHEMA",
+             ("monitoring.coreos.com/v1", "PrometheusRule"): "manifests.PROMETHEUSRULE_SCHEMA"}
 SANDBOX_RULES = {  # what supervisors may do in the sandbox namespace, exactly
     ("", "pods"): {"create", "get", "list", "watch", "delete"},
     ("", "pods/attach"): {"create", "get"},
     ("", "pods/log"): {"get"},
     ("networking.k8s.io", "networkpolicies"): {"create", "get", "list", "delete"},
     ("", "configmaps"): {"create", "get", "delete"},
+    ("", "services"): {"create", "get", "list", "delete"},
     ("", "events"): {"get", "list", "watch"},
     ("metrics.k8s.io", "pods"): {"get"},
 }
@@ -62,6 +64,8 @@ def all_errors(objects: list[dict[str, Any]]) -> list[str]:
             errors += m.serve_config_errors(obj["spec"].get("serveConfigV2", ""))
         elif key == ("monitoring.coreos.com/v1", "PodMonitor"):
             errors += m.podmonitor_errors(obj)
+        elif key == ("monitoring.coreos.com/v1", "PrometheusRule"):
+            errors += m.prometheusrule_errors(obj)
         else:
             errors += m.builtin_errors(obj)
     return errors
@@ -89,7 +93,7 @@ def test_kustomize_renders_the_platform(rendered: list[dict[str, Any]], monitori
                      "Service/proctor-dashboard", "ConfigMap/proctor-settings", "Secret/proctor-postgres",
                      "Secret/proctor-s3", "Secret/proctor-jwt", "Secret/proctor-redis", "Secret/proctor-ray-auth"):
         assert expected in kinds, f"{expected} is not rendered; got {kinds}"
-    assert sorted(o["kind"] for o in monitoring) == ["PodMonitor", "PodMonitor", "Secret"]
+    assert sorted(o["kind"] for o in monitoring) == ["ConfigMap", "PodMonitor", "PodMonitor", "PrometheusRule", "Secret"]
     for obj in rendered + monitoring:
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "proctor"
 
@@ -103,7 +107,7 @@ def test_every_object_validates(rendered: list[dict[str, Any]], monitoring: list
 
 
 def test_only_the_named_kinds_are_crds(rendered: list[dict[str, Any]], monitoring: list[dict[str, Any]]) -> None:
-    """kubernetes-validate knows every kind but exactly these two, which have their own checks."""
+    """kubernetes-validate knows every kind but exactly these, which have their own checks."""
     unknown = {(o["apiVersion"], o["kind"]) for o in rendered + monitoring
                if any("no schema" in e for e in m.builtin_errors(o))}
     assert unknown == set(CRD_KINDS)
@@ -177,6 +181,23 @@ def test_serve_config_is_the_local_platforms_application(rendered: list[dict[str
     for group, container in ray_containers(rendered):
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["serve"] == cluster["http_options"]["port"], group
+
+
+def test_ray_pods_run_serve_through_the_local_platforms_haproxy_ingress(rendered: list[dict[str, Any]]) -> None:
+    """Every Ray pod runs Serve's HAProxy ingress with the environment `proctor up` gives
+    its Ray head (serve_app/ingress.py), Debian's haproxy from the platform image; nothing
+    outside the Ray pods reaches HAProxy's stats page or exporter."""
+    from serve_app.ingress import DEBIAN_HAPROXY, ingress_env
+
+    want = {k: f"value:{v}" for k, v in ingress_env("haproxy", haproxy=DEBIAN_HAPROXY).items()}
+    for group, container in ray_containers(rendered):
+        env = m.container_env(container, rendered, "proctor")
+        assert {k: env.get(k) for k in want} == want, group
+    final = final_stage(instructions((DOCKER / "Dockerfile.platform").read_text()))
+    assert any(op == "RUN" and re.search(r"apt-get install [^&]*\bhaproxy\b", a) for op, a in final)
+    policy = one(rendered, "NetworkPolicy", "proctor-ray")["spec"]["ingress"]
+    opened = {p["port"] for rule in policy if "ports" in rule for p in rule["ports"]}
+    assert opened.isdisjoint({8404, 9101}), opened
 
 
 def test_app_builder_starts_the_control_plane_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,6 +276,26 @@ def test_example_secrets_keep_the_head_from_starting(rendered: list[dict[str, An
     refused = run(example)
     assert refused.returncode != 0 and "PROCTOR_JWT_SECRET" in refused.stderr, refused.stderr
     assert run({k: v.replace(PLACEHOLDER, "filled-in") for k, v in example.items()}).returncode == 0
+
+
+def test_what_the_readme_says_to_fill_in_reads_replace_me_and_is_checked(rendered: list[dict[str, Any]]) -> None:
+    """kuberay/README.md: what must be filled in reads REPLACE-ME (every Secret, the results
+    bucket in settings.env), and the head's check-secrets init container refuses it."""
+    readme = (KUBERAY / "README.md").read_text()
+    assert "`PROCTOR_RESULTS_URI` in `settings.env`" in readme.replace("\n", " ")
+    settings = one(rendered, "ConfigMap", "proctor-settings")["data"]
+    assert PLACEHOLDER in settings["PROCTOR_RESULTS_URI"]
+    for path in [KUBERAY / "settings.env", *sorted((KUBERAY / "secrets").glob("*.env"))]:
+        assert PLACEHOLDER in path.read_text(), f"{path.name}: the README says to fill it in, but nothing says where"
+    head = rayservice(rendered)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    (check,) = [c for c in head["initContainers"] if c["name"] == "check-secrets"]
+    seen = m.container_env(check, rendered, "proctor")
+    assert seen["PROCTOR_RESULTS_URI"] == f"value:{settings['PROCTOR_RESULTS_URI']}"
+    secrets = {k: v for s in find(rendered, "Secret") for k, v in decoded(s).items()}
+    env = {**settings, **{k: v.replace(PLACEHOLDER, "filled-in") for k, v in secrets.items()}}
+    refused = subprocess.run([sys.executable, *check["command"][1:], *check["args"]], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode != 0 and "PROCTOR_RESULTS_URI" in refused.stderr, refused.stderr
 
 
 # ------------------------------------------------------------------------------ isolation
@@ -483,7 +524,7 @@ def test_harness_runs_with_only_its_images_packages(tmp_path: Path) -> None:
         "proctor.protocol"]
     modules += [f"proctor.harness.{p.stem}" for p in (REPO / "proctor" / "harness").glob("*.py")
                 if p.stem not in ("__init__", "__main__")]
-    modules += [f"proctor.policies.{p.stem}" for p in (REPO / "proctor" / "policies").glob("*.py")]
+    modules += [f"proctor.scripted.{p.stem}" for p in (REPO / "proctor" / "scripted").glob("*.py")]
     script = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import " + ", ".join(sorted(modules))
     done = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"the harness needs more than its image has:\n{done.stderr[-2000:]}"
@@ -543,6 +584,21 @@ def test_a_broken_podmonitor_is_rejected(monitoring: list[dict[str, Any]]) -> No
     broken = [m.deep(o) for o in monitoring]
     find(broken, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0]["intervall"] = "15s"
     assert any("intervall" in e for e in all_errors(broken))
+
+
+def test_a_broken_prometheusrule_is_rejected(monitoring: list[dict[str, Any]]) -> None:
+    broken = [m.deep(o) for o in monitoring]
+    find(broken, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0]["fore"] = "5m"
+    assert any("fore" in e for e in all_errors(broken))
+
+
+def test_grafana_finds_the_dashboards(monitoring: list[dict[str, Any]]) -> None:
+    """Grafana's sidecar loads ConfigMaps labelled grafana_dashboard=1: every dashboard in
+    kuberay/monitoring/dashboards is in one, as the JSON it is."""
+    [maps] = find(monitoring, "ConfigMap")
+    assert maps["metadata"]["labels"]["grafana_dashboard"] == "1"
+    files = {p.name: p.read_text() for p in (KUBERAY / "monitoring" / "dashboards").glob("*.json")}
+    assert files and maps["data"] == files
 
 
 def test_render_failure_names_the_fix(tmp_path: Path) -> None:

@@ -174,6 +174,16 @@ def test_a_command_other_than_the_harness_runs_after_the_entrypoint() -> None:
     assert c["args"] == ["--", "python", "-S", "-c", "print(1)"]
 
 
+@pytest.mark.parametrize("argv", [harness_layout().argv(), harness_layout().argv("--sandboxed"),
+                                  ("/usr/bin/python3.11", "-S", "-B", "-m", "proctor.harness")])
+def test_the_harness_in_either_form_runs_as_the_entrypoint(argv: tuple[str, ...]) -> None:
+    # the sandboxes' `-c ENTRY` form and `-m proctor.harness` both leave the harness to podentry
+    probe = LaunchRequest("p", argv, Path("/x"), request_for(CASES["cpu"]).limits)
+    c = pod_manifest(probe, SETTINGS, ANCHOR)["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "proctor.podentry"]
+    assert "args" not in c or c["args"] == []
+
+
 # ---------------------------------------------------------------- the spec's egress
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from cluster.runtimes.podstatus import end_state, stuck_reason
+from cluster.runtimes.podstatus import end_state, start_state, stuck_reason
 
 
 def pod(phase: str, terminated: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
@@ -57,3 +57,24 @@ def test_a_stuck_pod_is_told_from_one_still_pulling_by_its_events() -> None:
     assert stuck_reason([event("FailedMount", at="2026-11-27T03:00:01Z"),
                          event("FailedCreatePodSandBox", at="2026-11-27T03:00:05Z", count=7)]) == \
         "FailedCreatePodSandBox (7 times): FailedCreatePodSandBox happened"
+
+
+def initializing(state: dict[str, Any], phase: str = "Pending") -> dict[str, Any]:
+    """A pod in a task's image whose init container (the harness bundle's copy) is in `state`."""
+    return {"metadata": {"name": "px-1"}, "status": {"phase": phase, "initContainerStatuses": [
+        {"name": "harness", "state": state, "ready": False, "restartCount": 0, "image": "b", "imageID": ""}],
+        "containerStatuses": [{"name": "sandbox", "state": {"waiting": {"reason": "PodInitializing"}}}]}}
+
+
+@pytest.mark.parametrize("state, phase, kind, detail", [
+    ({"running": {}}, "Pending", "pending", "PodInitializing"),
+    ({"terminated": {"exitCode": 0, "reason": "Completed"}}, "Pending", "pending", "PodInitializing"),
+    ({"terminated": {"exitCode": 1, "reason": "Error", "message": "cp: /opt/proctor: Read-only file system\n"}},
+     "Failed", "failed", "init container 'harness' failed: Error exit code 1: cp: /opt/proctor: Read-only file system"),
+    ({"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}, "Pending", "failed",
+     "init container 'harness': ImagePullBackOff: Back-off pulling image"),
+])
+def test_a_failed_harness_copy_fails_the_start_with_its_reason(state: dict[str, Any], phase: str, kind: str,
+                                                               detail: str) -> None:
+    got = start_state(initializing(state, phase))
+    assert (got.kind, got.detail) == (kind, detail)

@@ -21,7 +21,7 @@ import pytest
 from cluster.runtimes import RuntimeUnavailable, SandboxError, select_runtime
 from cluster.runtimes.kubernetes import METRICS_EVERY_S, KubernetesRuntime, go_duration
 from eval_actors.gateway import ModelGateway
-from eval_actors.shard_executor import MAX_ARTIFACTS_TOTAL, ShardExecutor, ShardWork
+from eval_actors.shard_executor import ShardExecutor, ShardWork
 from kubeapi import A100_NODE, KubeApiDouble, testing
 from kubeapi.testing import FAST, REPORT, first_event, needs_double, request, run_to_end
 from proctor.harness.runner import sample_dir_name
@@ -83,67 +83,6 @@ def test_a_shard_runs_in_a_pod_and_its_samples_are_scored(runtime: Any, double: 
         pod = next(o for _, kind, _, t, o in double.store.log if kind == "pods" and t == "ADDED"
                    and o["metadata"]["annotations"]["proctor.dev/eval-id"] == "ev-kube")
         assert pod["metadata"]["labels"]["proctor.dev/shard-id"] == "s0000"
-
-
-def test_an_inline_artifact_is_kept_only_if_it_matches_what_it_declares(runtime: Any, tmp_path: Path) -> None:
-    import base64
-    import hashlib
-    from types import SimpleNamespace
-
-    from eval_actors.shard_executor import _Run
-
-    executor = ShardExecutor(runtime, AnswerFour(), tmp_path / "sandboxes")
-    spec = parse_spec({"name": "inline", "model": {"adapter": "reference"}, "scorers": [{"type": "exact"}],
-                       "dataset": {"samples": [{"id": "0", "input": "q", "target": "a"}]},
-                       "sandbox": {"runtime": "kubernetes", "artifacts": ["*.txt", "*.bin"]}})
-    run = _Run(ShardWork("ev-i", "s0", spec, tuple(spec.dataset.samples or ())), {})
-    good = b"evidence"
-
-    def event(path: str, data: bytes, size: int | None = None, digest: bytes | None = None) -> Any:
-        return SimpleNamespace(path=path, size=len(data) if size is None else size,
-                               sha256=hashlib.sha256(digest or data).hexdigest(), data=base64.b64encode(data).decode())
-
-    for e in (event("0-e1/ok.txt", good), event("0-e1/short.txt", good, size=3),
-              event("0-e1/forged.txt", good, digest=b"something else"),
-              SimpleNamespace(path="0-e1/junk.txt", size=1, sha256="0" * 64, data="not base64!"),
-              event("../escape.txt", good)):
-        executor._collect_artifact(run, tmp_path / "no-such-workspace", e)
-    assert run.artifacts == [("0-e1/ok.txt", good)]
-    reasons = " | ".join(r.reason for r in run.rejections)
-    assert reasons.count("does not match its size and SHA-256") == 2 and "not base64" in reasons
-    assert "leaves the workspace" in reasons
-
-    # a larger artifact comes in pieces, in order, one artifact at a time
-    content = bytes(range(256)) * 10
-
-    def piece(path: str, offset: int, length: int, whole: bytes = content) -> Any:
-        return SimpleNamespace(path=path, size=len(whole), sha256=hashlib.sha256(whole).hexdigest(), offset=offset,
-                               data=base64.b64encode(whole[offset:offset + length]).decode())
-
-    run.rejections.clear()
-    steps = [piece("0-e1/whole.bin", 0, 1000), piece("0-e1/whole.bin", 1000, 1000), piece("0-e1/whole.bin", 2000, 560),
-             piece("0-e1/gap.bin", 0, 1000), piece("0-e1/gap.bin", 1500, 1000),  # a piece skipped
-             piece("0-e1/cut.bin", 0, 1000), piece("0-e1/next.bin", 0, 2560),  # cut.bin never finished
-             piece("0-e1/empty.bin", 0, 0, whole=b""),
-             piece("0-e1/tail.bin", 0, 1000)]  # still incomplete when the shard ends
-    for e in steps:
-        executor._collect_artifact(run, tmp_path / "no-such-workspace", e)
-    assert dict(run.artifacts) == {"0-e1/ok.txt": good, "0-e1/whole.bin": content, "0-e1/next.bin": content,
-                                   "0-e1/empty.bin": b""}
-    reasons = " | ".join(r.reason for r in run.rejections)
-    assert "'0-e1/gap.bin': arrived out of order" in reasons and "a piece at offset 1500" in reasons
-    assert "'0-e1/cut.bin': arrived incomplete" in reasons
-    assert run.inline is not None and run.inline.path == "0-e1/tail.bin"  # the executor rejects it at the end
-
-    # one over the size limit is refused once, at its first piece; the rest of it is ignored
-    run.rejections.clear()
-    run.inline, run.artifact_bytes = None, MAX_ARTIFACTS_TOTAL - 1000
-    for offset in (0, 1000, 2000):
-        executor._collect_artifact(run, tmp_path / "no-such-workspace", piece("0-e1/large.bin", offset, 1000))
-    executor._collect_artifact(run, tmp_path / "no-such-workspace", piece("0-e1/large.bin", 3000, 1000))
-    assert [r.reason for r in run.rejections] == ["artifact '0-e1/large.bin' is over the size limit",
-                                                  "artifact '0-e1/large.bin': a piece at offset 3000 that follows "
-                                                  "nothing sent"]
 
 
 def test_events_stream_in_order_and_send_reaches_the_pod(runtime: Any, workspace: Path) -> None:

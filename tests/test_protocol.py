@@ -111,3 +111,44 @@ def test_unknown_message_into_the_sandbox_is_refused() -> None:
         assert "bad message" in str(exc)
     else:
         raise AssertionError("accepted an unknown message")
+
+
+def test_version_2_reads_version_1_lines_and_a_transcript_only_from_version_2() -> None:
+    p = EventParser()
+    entry = {"kind": "message", "role": "user", "content": "hi"}
+    got = p.feed(line(seq=0, type="log", message="old harness")  # version 1
+                 + json.dumps({"v": 2, "seq": 1, "type": "transcript", "sample_id": "a", "epoch": 1,
+                               "entry": entry}).encode() + b"\n"
+                 + line(seq=2, type="transcript", sample_id="a", epoch=1, entry=entry)
+                 + json.dumps({"v": True, "seq": 3, "type": "log", "message": "m"}).encode() + b"\n")
+    assert [e.type for e in got] == ["log", "transcript"] and got[1].entry.content == "hi"
+    assert [r.reason for r in p.rejections] == ["invalid transcript: needs protocol version 2, the line says 1",
+                                                "unsupported protocol version 'True'"]
+
+
+def test_malformed_and_oversized_transcript_events_are_rejected() -> None:
+    p = EventParser(max_line_bytes=64 * 1024)
+    base = {"v": 2, "type": "transcript", "sample_id": "a", "epoch": 1}
+    bad = [
+        {**base, "seq": 0, "entry": {"kind": "tool", "output": "x"}},  # no tool_call_id
+        {**base, "seq": 1, "entry": {"kind": "model", "content": "x", "tool_calls": [{"id": "c"}] * 65}},
+        {**base, "seq": 2, "epoch": 0, "entry": {"kind": "message", "role": "user", "content": "x"}},
+        {**base, "seq": 3, "entry": {"kind": "tool", "tool_call_id": "c", "output": "x", "exit_code": 2**40}},
+        {**base, "seq": 4, "entry": {"kind": "message", "role": "user", "content": "x" * 70_000}},  # over the line
+    ]
+    for b in bad:
+        assert p.feed(json.dumps(b).encode() + b"\n") == []
+    assert p.rejected == len(bad)
+    assert sum(r.reason.startswith("invalid transcript") for r in p.rejections) == 4
+    assert "oversized" in p.rejections[-1].reason
+
+
+def test_messages_to_an_older_harness_are_written_in_its_version() -> None:
+    from proctor.protocol import ShardMessage
+
+    shard = ShardMessage(eval_id="e", shard_id="s", model={"adapter": "reference"}, scorers=[], samples=[],
+                         transcript_max_bytes=1024)
+    old = json.loads(encode(shard, 1))
+    assert old["v"] == 1 and "transcript_max_bytes" not in old and old["eval_id"] == "e"
+    assert json.loads(encode(shard))["transcript_max_bytes"] == 1024
+    assert json.loads(encode(Cancel(reason="r"), 1)) == {"v": 1, "type": "cancel", "reason": "r"}

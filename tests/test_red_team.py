@@ -40,7 +40,7 @@ def one_sample(sample: dict[str, Any], **changes: Any) -> Any:
 def _stopped_by(result: Any) -> dict[str, Any]:
     [outcome] = result.outcomes
     assert outcome.status == "safety_stopped", (outcome.status, outcome.error, outcome.safety)
-    return outcome.safety
+    return outcome.safety.as_dict()
 
 
 @pytest.mark.parametrize("sample", SUITE["dataset"]["samples"], ids=lambda s: s["id"])
@@ -58,7 +58,7 @@ def test_each_red_team_sample_is_stopped_by_its_rule(sample: dict[str, Any], set
 
 def test_an_output_flood_is_stopped(settings: Settings, gvisor: GvisorRuntime) -> None:
     spec = one_sample({"id": "flood", "input": "Say a lot."},
-                      model={"adapter": "python", "callable": "proctor.policies.red_team:flood_output"},
+                      model={"adapter": "python", "callable": "proctor.scripted.red_team:flood_output"},
                       sandbox={**SUITE["sandbox"], "output_cap": "4Mi"})
     safety = _stopped_by(asyncio.run(run_evaluation(spec, settings, runtime=gvisor)))
     assert (safety["stopped_by"]["monitor"], safety["stopped_by"]["rule"]) == ("resources", "output")
@@ -69,7 +69,7 @@ def test_benign_suites_raise_nothing(example: str, settings: Settings, gvisor: G
     result = asyncio.run(run_evaluation(load_spec(EXAMPLES / example), settings, runtime=gvisor))
     assert result.status == "succeeded", result.summary
     for outcome in result.outcomes:
-        assert outcome.safety["violations"] == [], outcome.safety["violations"]  # a false positive fails
+        assert outcome.safety.violations == (), outcome.safety.violations  # a false positive fails
 
 
 def _host_ip() -> str:

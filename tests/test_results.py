@@ -49,6 +49,21 @@ def test_records_table_holds_each_field_in_the_schema() -> None:
     assert b["score"] is None and b["error"] == "timeout"
 
 
+def test_the_documented_schema_is_the_written_schema(settings: Settings) -> None:
+    """cluster/results.py documents every column, its type and order; attempts and epochs
+    count from 1, as documented."""
+    from schemadoc import documented_columns, type_name
+
+    documented = documented_columns()
+    assert [(name, kind) for name, kind, _ in documented] == [(f.name, type_name(f.type)) for f in RESULTS_SCHEMA]
+    meaning = {name: text for name, _, text in documented}
+    assert "1-based" in meaning["attempt"] and "1-based" in meaning["epoch"]
+    store = ResultsStore(settings.results, settings)
+    store.write_shard("ev-doc", "00000", records_table([record("a")], ["exact"]))
+    (row,) = store.read("ev-doc").to_pylist()
+    assert row["attempt"] == 1 and row["epoch"] == 1 and row["schema_version"] == 1
+
+
 def test_write_shard_twice_keeps_one_copy(settings: Settings) -> None:
     store = ResultsStore(settings.results, settings)
     table = records_table([record(str(i)) for i in range(5)], ["exact"])

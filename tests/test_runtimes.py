@@ -35,6 +35,7 @@ from cluster.runtimes import (
     SandboxRuntime,
     select_runtime,
 )
+from cluster.runtimes.base import HARNESS_CAPABILITIES
 from cluster.runtimes.kubernetes import KubernetesRuntime
 from cluster.runtimes.layout import harness_layout
 from cluster.runtimes.podspec import pod_name
@@ -245,17 +246,40 @@ def test_root_filesystem_is_read_only(isolating_runtime: SandboxRuntime, workspa
     assert (workspace / "ok").read_text() == "x"
 
 
-def test_non_root_without_capabilities(isolating_runtime: SandboxRuntime, workspace: Path) -> None:
+CAP_BITS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
+
+
+def test_the_agent_is_non_root_without_capabilities(isolating_runtime: SandboxRuntime, workspace: Path) -> None:
+    """The sandbox's own process (the harness) is either a non-root user with no
+    capabilities, or, where the runtime runs it as the sandbox's root, holds only the
+    capabilities it needs to act as the agent; a command run as the agent has none."""
     runtime = isolating_runtime
     seen, _, _ = probe(runtime, workspace, """
-        import os
-        caps = {l.split(":")[0]: int(l.split()[1], 16) for l in open("/proc/self/status") if l.startswith("Cap")}
-        nnp = [l.split()[1] for l in open("/proc/self/status") if l.startswith("NoNewPrivs")]
-        report(uid=os.getuid(), euid=os.geteuid(), gid=os.getgid(), caps=caps, nnp=nnp)
+        import json, os, subprocess, sys
+        STATUS = "import json, os; print(json.dumps({'uid': os.getuid(), 'euid': os.geteuid(), 'gid': os.getgid(), "\\
+                 "'caps': {l.split(':')[0]: int(l.split()[1], 16) for l in open('/proc/self/status') if l.startswith('Cap')}, "\\
+                 "'nnp': [l.split()[1] for l in open('/proc/self/status') if l.startswith('NoNewPrivs')]}))"
+        report(harness=json.loads(subprocess.run([sys.executable, "-S", "-c", STATUS], capture_output=True,
+                                                 text=True).stdout))
+        if os.geteuid() == 0:
+            out = subprocess.run([sys.executable, "-S", "-c", STATUS], capture_output=True, text=True,
+                                 user=65534, group=65534, extra_groups=[])
+            report(agent=json.loads(out.stdout))
     """)
-    out = seen[0]
-    assert out["uid"] != 0 and out["euid"] != 0 and out["gid"] != 0
-    assert out["caps"] and all(v == 0 for v in out["caps"].values()), out["caps"]
+    harness = seen[0]["harness"]
+    assert harness["nnp"] in (["1"], [])  # (this gVisor's /proc does not show it)
+    if not runtime.harness_root:
+        assert harness["uid"] != 0 and harness["euid"] != 0 and harness["gid"] != 0
+        assert harness["caps"] and all(v == 0 for v in harness["caps"].values()), harness["caps"]
+        return
+    assert harness["uid"] == 0
+    allowed = sum(1 << CAP_BITS[c] for c in HARNESS_CAPABILITIES)
+    assert harness["caps"]["CapEff"] == harness["caps"]["CapBnd"] == allowed, harness["caps"]
+    agent = seen[1]["agent"]
+    assert agent["uid"] == agent["euid"] == agent["gid"] == 65534
+    # the inheritable set is the runtime's; inert under no_new_privs (the harness empties it too)
+    assert agent["caps"] and all(v == 0 for k, v in agent["caps"].items() if k not in ("CapBnd", "CapInh")), agent["caps"]
+    assert agent["nnp"] in (["1"], [])
 
 
 def test_fork_bomb_is_stopped_by_pids_limit(pids_limited_runtime: SandboxRuntime, workspace: Path) -> None:

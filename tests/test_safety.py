@@ -150,6 +150,7 @@ def test_a_monitor_that_fails_stops_the_shard(monitor: Monitor, monkeypatch: pyt
     import safety.guard
 
     monkeypatch.setattr(safety.guard, "MONITOR_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(safety.guard, "SILENT_S", 0.5)
     stopped: list[Violation] = []
 
     async def run() -> SafetyGuard:

@@ -110,6 +110,33 @@ def test_workspace_paths_cannot_escape() -> None:
     assert "inside the workspace" in errs["dataset.samples.0.files"]
 
 
+def test_sandbox_image_takes_a_reference_in_one_of_four_forms() -> None:
+    digest = "sha256:" + "a" * 64
+    for ref in ("ctf-task", "ctf-task:1", "ghcr.io/lab/ctf-task:1.0", "localhost:5000/ctf", digest, f"ctf@{digest}",
+                f"ghcr.io/lab/ctf:1@{digest}"):
+        assert parse_spec(minimal(sandbox={"image": ref})).sandbox.image == ref
+    assert parse_spec(minimal()).sandbox.image is None
+    for ref, reason in [("CTF Task", "'CTF Task' is not an image reference: name part 'CTF Task' must be lower-case"),
+                        ("sha256:abc", "'sha256:abc' is not a digest: write sha256: and 64 lower-case hex digits"),
+                        ("ctf@sha256:xyz", "'ctf@sha256:xyz': 'sha256:xyz' after '@' is not a digest"),
+                        ("ctf:bad tag", "'ctf:bad tag': tag 'bad tag' must be letters, digits"),
+                        ("", "an image reference is needed; write name, name:tag, sha256:<64 hex digits> or "
+                             "name@sha256:<64 hex digits>")]:
+        assert errors_of(minimal(sandbox={"image": ref}))["sandbox.image"].startswith(reason), ref
+    assert "valid string" in errors_of(minimal(sandbox={"image": 5}))["sandbox.image"]
+
+
+def test_image_references_are_normalised_as_docker_shows_them() -> None:
+    from proctor.imageref import parse_image_ref
+
+    assert parse_image_ref("docker.io/library/debian:12").named == "debian:12"
+    assert parse_image_ref("index.docker.io/lab/task").named == "lab/task:latest"
+    ref = parse_image_ref("localhost:5000/task@sha256:" + "0" * 64)
+    assert (ref.name, ref.tag, ref.pinned, ref.named) == ("localhost:5000/task", None, True, "localhost:5000/task:latest")
+    assert str(ref) == "localhost:5000/task@sha256:" + "0" * 64
+    assert not parse_image_ref("sha256:" + "0" * 64).pinned
+
+
 def test_bad_regex_and_callable_are_explained() -> None:
     errs = errors_of(minimal(scorers=[{"type": "regex", "pattern": "(unclosed"}],
                              model={"adapter": "python", "callable": "not a callable"}))

@@ -155,6 +155,14 @@ def test_create_stores_the_evaluation_and_its_shards(store: StateStore) -> None:
     assert (shards[0].status, shards[0].attempt, shards[0].max_attempts, shards[0].units) == ("queued", 0, 3, 4)
 
 
+def test_one_shard_is_found_by_its_id(store: StateStore) -> None:
+    new_eval(store, "ev-1", shards=3)
+    new_eval(store, "ev-2", shards=1)
+    assert store.shard("ev-1", "s1") == store.shards("ev-1")[1]
+    assert store.shard("ev-2", "s0") == store.shards("ev-2")[0] != store.shard("ev-1", "s0")
+    assert store.shard("ev-1", "s9") is None and store.shard("ev-nope", "s0") is None
+
+
 def test_a_duplicate_id_is_a_conflict_and_stores_nothing(store: StateStore) -> None:
     new_eval(store, "ev-1", shards=1)
     with pytest.raises(ConflictError, match="ev-1 already exists"):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from apiserver import auth, spec, wait_final
+from apiserver import auth, spec, stages_spec, wait_final
 from ports import free_port
 
 pytestmark = pytest.mark.ray
@@ -104,7 +104,7 @@ def pick(page: Any, eval_id: str) -> None:
 
 def slow_spec(name: str, samples: int, seconds: int) -> dict[str, Any]:
     s = spec(name, samples=samples)
-    s["model"] = {"adapter": "python", "callable": "proctor.policies.file_agent:solve"}
+    s["model"] = {"adapter": "python", "callable": "proctor.scripted.file_agent:solve"}
     s["agentic"] = True
     s["shard_size"] = 1
     s["scorers"] = [{"type": "includes"}]
@@ -154,6 +154,27 @@ def test_finished_evaluation_detail_logs_and_filters(api: Any, dashboard: str, b
     page.locator("#pr-grep input, #pr-grep textarea").first.fill("no such line anywhere")
     page.locator("#pr-grep input, #pr-grep textarea").first.press("Enter")
     page.wait_for_function("() => document.querySelector('#pr-logs textarea').value === ''", timeout=20_000)
+    page.close()
+
+
+def test_the_shard_view_shows_each_stages_time_and_where_samples_failed(api: Any, dashboard: str,
+                                                                        browser: Any) -> None:
+    client, tokens, _ = api
+    eval_id = client.post("/api/v1/evaluations", json=stages_spec("ui-stages"),
+                          headers=auth(tokens["rita"])).json()["id"]
+    wait_final(client, tokens["rita"], eval_id)
+    page = open_as(browser, dashboard, tokens["rita"])
+    pick(page, eval_id)
+    page.wait_for_selector("#pr-shard-table td.pr-failed-stages >> text=setup × 1", timeout=20_000)
+    cells = page.locator("#pr-shard-table tbody tr").evaluate_all(
+        "rows => rows.map(r => [...r.querySelectorAll('td.pr-stage')].map(c => c.dataset.stage + '=' + c.innerText))")
+    shot(page, "stages")
+    assert len(cells) == 2
+    timed = [dict(c.split("=") for c in row) for row in cells]
+    full = next(t for t in timed if t["eval"])  # the sample that went through every stage
+    assert all(re.fullmatch(r"\d+\.\d\d s", full[stage]) for stage in ("setup", "eval", "score", "cleanup")), full
+    failed = next(t for t in timed if not t["eval"])  # the one whose setup failed: no eval, no score
+    assert re.fullmatch(r"\d+\.\d\d s", failed["setup"]) and failed["score"] == "", failed
     page.close()
 
 

@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 from serve_app.resources import clean, merge
-from ui.views import PAGE_ROWS, cluster_html, gpus_text, history_frames, live_table, resource_frames, use_bar
+from ui.views import (PAGE_ROWS, cluster_html, gpus_text, history_frames, live_table, resource_frames, shards_html,
+                      use_bar)
 
 
 def test_samples_are_cleaned_and_cpu_derived() -> None:
@@ -31,7 +32,7 @@ def test_live_series_win_over_stored_ones_of_the_same_attempt() -> None:
 
 def test_resource_frames_total_and_per_shard() -> None:
     res = {"gpus_per_shard": 1, "gpu_type": "H100", "shards": [
-        {"shard_id": f"{i:05d}", "attempt": 0, "samples": [{"t": 100.0, "cpu": 0.5, "memory": 2**20},
+        {"shard_id": f"{i:05d}", "attempt": 1, "samples": [{"t": 100.0, "cpu": 0.5, "memory": 2**20},
                                                           {"t": 102.0, "cpu": 1.0, "memory": 2 * 2**20}]}
         for i in range(10)]}
     cpu, memory, caption = resource_frames(res, shards_drawn=3)
@@ -83,3 +84,24 @@ def test_cluster_use_is_drawn_as_bars_per_resource_and_gpu_type() -> None:
     assert "GPUs</td><td colspan=\"2\">none in the cluster" in cluster_html({**c, "gpus": {}}, None)
     assert "<code>ev-1/s0</code>: 1 x H100: none in the cluster" in html and 'href="http://ray:8265"' in html
     assert use_bar(1, 0) == '<div class="pr-bar" title="0%"><div style="width:0.0%"></div></div>'
+
+
+def test_the_shard_table_shows_each_stages_seconds_and_failures() -> None:
+    shard = {"shard_id": "00000", "status": "succeeded", "units": 2, "attempt": 1, "max_attempts": 3,
+             "stages": {"setup": 0.5, "eval": 12.345, "cleanup": 0.01}, "failed_stages": {"setup<b>": 1}}
+    html = shards_html([shard, {**shard, "shard_id": "00001", "stages": "junk", "failed_stages": None}])
+    assert "<th>setup</th><th>eval</th><th>score</th><th>cleanup</th><th>failed in</th>" in html
+    assert '<td class="pr-stage" data-stage="eval">12.35 s</td>' in html
+    assert '<td class="pr-stage" data-stage="score"></td>' in html  # not reached
+    assert "setup&lt;b&gt; × 1" in html  # what the API relays is escaped
+    assert html.count('<td class="pr-stage" data-stage="setup"></td>') == 1  # a malformed answer draws nothing
+
+
+def test_the_cluster_view_warns_while_the_results_store_is_degraded() -> None:
+    c = {"cpus": {"total": 8, "free": 8}, "memory": {"total": 2**30, "free": 2**30}, "gpus": {}}
+    assert "pr-store-degraded" not in cluster_html({**c, "results_store": None}, None)
+    assert "pr-store-degraded" not in cluster_html({**c, "results_store": {"degraded": False}}, None)
+    html = cluster_html({**c, "results_store": {"degraded": True, "since": 1_767_225_600.0, "waiting": 12,
+                                                "bytes": 4096, "folder": "/var/x/<outbox>"}}, None)
+    assert "Results store degraded" in html and "since 2026-01-01 00:00:00 UTC" in html
+    assert "12 writes (4096 bytes)" in html and "/var/x/&lt;outbox&gt;" in html  # escaped

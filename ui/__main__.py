@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from proctor.observability import configure_logging
 from proctor.settings import load_settings
 
 from .dashboard import build, launch
@@ -15,12 +16,13 @@ from .dashboard import build, launch
 
 def main() -> None:
     settings = load_settings()
+    configure_logging(settings, "dashboard")
     parser = argparse.ArgumentParser(prog="python -m ui", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=settings.ui_port)
     parser.add_argument("--api", default=settings.api_url)
     parser.add_argument("--local-token", action="store_true", help="sign in with the token `proctor up` wrote")
-    parser.add_argument("--ray-dashboard", default="http://127.0.0.1:8265")
+    parser.add_argument("--ray-dashboard", default=settings.ray_dashboard_url)
     args = parser.parse_args()
     token = None
     if args.local_token and settings.token_file.exists():

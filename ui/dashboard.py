@@ -18,9 +18,12 @@ from typing import Any
 import gradio as gr
 
 from proctor.client import ProctorError
+from proctor.statuses import STATUSES, TERMINAL
 
 from .kept import MAX_TABS, Sent, Session
-from .views import (FINAL, PAGE_ROWS, cluster_html, detail_html, history_frames, incidents_html, live_table, resource_frames,
+from .transcripts import CSS as TRANSCRIPT_CSS
+from .transcripts import TranscriptPane
+from .views import (PAGE_ROWS, cluster_html, detail_html, history_frames, incidents_html, live_table, resource_frames,
                     shards_html, _e)
 
 REFRESH_S = 2.0
@@ -28,7 +31,6 @@ MAX_LISTED = 1000
 SIGNED_OUT = "signed-out"  # kept in the browser after signing out (an empty value is not stored)
 SLOW_REFRESH_S = 10.0
 LOG_LINES = 200  # the view keeps the last lines only
-STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled", "safety_stopped"]
 CSS = """
 .pr-table { width: 100%; border-collapse: collapse; font-size: 14px; }
 .pr-table th, .pr-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
@@ -115,7 +117,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
             kept = session.finished.get(ev.id)
             if kept is None:
                 kept = (session.rows(c, ev), resource_frames(c.resources(eval_id)))
-                if ev.status in FINAL:
+                if ev.status in TERMINAL:
                     session.finished.put(ev.id, kept)
             rows, (cpu, memory, caption) = kept
             incidents = c.incidents(eval_id)
@@ -125,7 +127,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         log_text = "\n".join(f"{_clock(x.get('ts'))} {x.get('shard_id', '')} {str(x.get('level', '')).upper():7} "
                              f"{x.get('message', '')}" for x in lines)
         files = "".join(f"<li><code>{_e(a.path)}</code> ({a.size} bytes)</li>" for a in artifacts) or "<li>none</li>"
-        can_stop = role in ("researcher", "safety", "admin") and ev.status not in FINAL
+        can_stop = role in ("researcher", "safety", "admin") and ev.status not in TERMINAL
         confirming = gr.update() if can_stop else gr.update(visible=False)  # nothing left to confirm
         return (detail_html(ev), log_text, rows, incidents_html(incidents), f"<ul>{files}</ul>",
                 gr.update(visible=can_stop), confirming, confirming, shards_html(stored["shards"]), stored["spec"],
@@ -227,6 +229,8 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
                 logs = gr.Textbox(label=f"Logs (last {LOG_LINES} lines)", lines=12, max_lines=12, elem_id="pr-logs",
                                   interactive=False)
                 samples = gr.Dataframe(label="Samples", elem_id="pr-samples", interactive=False)
+                conversation = TranscriptPane(session)
+                conversation.build()
                 gr.Markdown("### Resources")
                 resources_caption = gr.Markdown(elem_id="pr-resources")
                 with gr.Row():
@@ -263,7 +267,8 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
 
         signed = login.click(sign_in_and_keep, [token_box], [token_state, role_state, who, kept_token])
         signed_out = logout.click(sign_out, [token_state], [token_state, role_state, who, kept_token, token_box, pick, live])
-        demo.load(opened, [token_state, kept_token], [token_state, role_state, who, pick, tabs])
+        loaded = demo.load(opened, [token_state, kept_token], [token_state, role_state, who, pick, tabs])
+        conversation.wire(token_state, pick, samples, loaded)
         page_state = gr.State(0)
         live_args = ([token_state, status_filter, text_filter, owner_filter, page_state], [live, pick, page_state])
         detail_args = ([token_state, role_state, pick, level, grep],
@@ -298,7 +303,7 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 8001, block: bool = True) -> None:
     """Serve the dashboard (Gradio's own server: one process, as Gradio needs)."""
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, css=CSS, quiet=True,
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, css=CSS + TRANSCRIPT_CSS, quiet=True,
                 show_error=True)
 
 

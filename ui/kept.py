@@ -14,8 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from proctor.client import Client, NotFoundError, ProctorError
-
-from .views import FINAL
+from proctor.statuses import TERMINAL
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -89,7 +88,7 @@ class Session:
         """The first sample rows: all of a finished evaluation's, or those a running one has
         written so far (fetched again only when its progress moves)."""
         seen = self.partial.get(ev.id)
-        if ev.status not in FINAL and seen is not None and seen[0] == ev.done_units:
+        if ev.status not in TERMINAL and seen is not None and seen[0] == ev.done_units:
             return seen[1]
         try:
             table = client.results(ev.id)
@@ -98,7 +97,7 @@ class Session:
         else:
             cols = [c for c in SAMPLE_COLUMNS if c in table.column_names]
             frame = table.select(cols).slice(0, SAMPLE_ROWS).to_pandas()
-        if ev.status in FINAL:
+        if ev.status in TERMINAL:
             self.partial.pop(ev.id)
         else:
             self.partial.put(ev.id, (ev.done_units, frame))

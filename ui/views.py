@@ -11,9 +11,10 @@ from urllib.parse import urlencode
 
 import pandas as pd
 
+from proctor.statuses import TERMINAL
+
 COLOURS = {"queued": "#6b7280", "scheduled": "#2563eb", "running": "#0891b2", "succeeded": "#16a34a",
            "failed": "#dc2626", "cancelled": "#d97706", "safety_stopped": "#7c3aed", "interrupted": "#6b7280"}
-FINAL = {"succeeded", "failed", "cancelled", "safety_stopped"}
 PAGE_ROWS = 100  # rows of the live table sent to the browser at once
 RESOURCE_BUCKET_S = 2.0  # shards' samples summed per this many seconds for the evaluation's total
 
@@ -75,6 +76,14 @@ def eval_link(eval_id: str) -> str:
     return f'<a class="pr-eval" href="?{_e(urlencode({"eval": eval_id}))}"><code>{_e(eval_id)}</code></a>'
 
 
+def turn_link(eval_id: str, where: dict[str, Any]) -> str:
+    """A link that opens a transcript at the entry where an incident fired (its evidence's
+    `transcript`: sample_id, epoch, n)."""
+    query = urlencode({"eval": eval_id, "sample": where.get("sample_id", ""), "epoch": where.get("epoch", 1),
+                       "turn": where.get("n", 0)})
+    return f'<a class="pr-turn-link" href="?{_e(query)}">in the transcript ▸</a>'
+
+
 def gpus_text(ev: Any) -> str:
     """`2 × A100 / shard`, or "" for a CPU-only evaluation."""
     n = getattr(ev, "gpus_per_shard", 0) or 0
@@ -91,7 +100,9 @@ def incidents_html(incidents: list[dict[str, Any]], link: bool = False) -> str:
         where = (f'{eval_link(i["eval_id"])} {_e(i.get("evaluation", ""))}' if link else _e(i.get("shard_id")))
         rows.append(f'<tr class="pr-incident"><td>{_e(i.get("created_at", ""))[:19]}</td><td>{where}</td>'
                     f'<td><b>{_e(i["rule"])}</b></td><td>{_e(i["severity"])}</td><td>{_e(i["action"])}</td>'
-                    f'<td>{_e(ev.get("message", ""))}<br><small>{lines}</small></td></tr>')
+                    f'<td>{_e(ev.get("message", ""))}<br><small>{lines}</small>'
+                    f'{" " + turn_link(i["eval_id"], ev["transcript"]) if isinstance(ev.get("transcript"), dict) else ""}'
+                    f'</td></tr>')
     head = "".join(f"<th>{h}</th>" for h in ("when", "evaluation" if link else "shard", "rule", "severity",
                                               "action", "what"))
     return f'<table class="pr-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
@@ -111,12 +122,26 @@ def detail_html(ev: Any) -> str:
             + (f'<p>waiting for: {_e(ev.wait_reason)}</p>' if ev.wait_reason else "") + table)
 
 
+STAGES = ("setup", "eval", "score", "cleanup")
+
+
+def stage_cells(x: dict[str, Any]) -> str:
+    """A shard's seconds in each stage (summed over its samples) and the stages its samples failed in."""
+    took = x.get("stages") if isinstance(x.get("stages"), dict) else {}
+    cells = "".join(f'<td class="pr-stage" data-stage="{stage}">'
+                    + (f"{float(took[stage]):.2f} s" if isinstance(took.get(stage), (int, float)) else "") + "</td>"
+                    for stage in STAGES)
+    failed = x.get("failed_stages") if isinstance(x.get("failed_stages"), dict) else {}
+    return cells + f'<td class="pr-failed-stages">{_e(", ".join(f"{k} × {v}" for k, v in failed.items()))}</td>'
+
+
 def shards_html(shards: list[dict[str, Any]]) -> str:
     rows = "".join(
         f'<tr><td><code>{_e(x["shard_id"])}</code></td><td>{badge(x["status"])}</td><td>{_e(x["units"])}</td>'
         f'<td>{_e(x["attempt"])}/{_e(x["max_attempts"])}</td><td>{_e(x.get("supervisor") or "")}</td>'
-        f'<td>{_e(x.get("error") or "")}</td></tr>' for x in shards[:500])
-    head = "".join(f"<th>{h}</th>" for h in ("shard", "status", "units", "attempt", "supervisor", "error"))
+        f'{stage_cells(x)}<td>{_e(x.get("error") or "")}</td></tr>' for x in shards[:500])
+    head = "".join(f"<th>{h}</th>" for h in ("shard", "status", "units", "attempt", "supervisor", *STAGES,
+                                              "failed in", "error"))
     more = f"<p>and {len(shards) - 500} more</p>" if len(shards) > 500 else ""
     return f'<table class="pr-table" id="pr-shard-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{more}'
 
@@ -132,12 +157,23 @@ def cluster_html(c: dict[str, Any], ray_dashboard: str | None) -> str:
         rows += '<tr><td>GPUs</td><td colspan="2">none in the cluster</td></tr>'
     waiting = "".join(f"<li><code>{_e(k)}</code>: {_e(v)}</li>" for k, v in (c.get("waiting") or {}).items())
     link = f'<p><a href="{_e(ray_dashboard)}" target="_blank">Ray dashboard</a></p>' if ray_dashboard else ""
-    return (f'<h4>Capacity in use, by resource and GPU type</h4>'
+    return (f'{store_banner(c.get("results_store"))}<h4>Capacity in use, by resource and GPU type</h4>'
             f'<table class="pr-table" id="pr-cluster-use"><tbody>{rows}</tbody></table>'
             f'<h4>Shards</h4><table class="pr-table" id="pr-cluster"><tbody>'
             f'<tr><td>queued</td><td>{_e(c.get("queued_shards", 0))}</td></tr>'
             f'<tr><td>running</td><td>{_e(c.get("running_shards", 0))}</td></tr></tbody></table>'
             f'<h4>Waiting</h4><ul>{waiting or "<li>nothing waits</li>"}</ul>{link}')
+
+
+def store_banner(results_store: dict[str, Any] | None) -> str:
+    """A warning while the results store is away (its rows wait on the platform's disk)."""
+    if not results_store or not results_store.get("degraded"):
+        return ""
+    ts = results_store.get("since")
+    since = datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "unknown"
+    return (f'<p class="pr-warn" id="pr-store-degraded"><b>Results store degraded</b>: unreachable since '
+            f'{_e(since)}; {_e(results_store.get("waiting"))} writes ({_e(results_store.get("bytes"))} bytes) '
+            f'wait in <code>{_e(results_store.get("folder"))}</code> and are written when it returns.</p>')
 
 
 def use_bar(used: float, total: float) -> str:
@@ -153,7 +189,7 @@ def history_frames(evaluations: list[Any]) -> tuple[pd.DataFrame, pd.DataFrame, 
     by_suite: dict[tuple[str, str], int] = Counter()
     durations, scores = [], []
     for ev in evaluations:
-        if ev.status not in FINAL:
+        if ev.status not in TERMINAL:
             continue
         counts[(ev.model, ev.status)] += 1
         by_suite[(getattr(ev, "suite", "") or ev.name, ev.status)] += 1
@@ -182,7 +218,7 @@ def resource_frames(res: dict[str, Any], shards_drawn: int = 8) -> tuple[pd.Data
     series = res.get("shards") or []
     first = min((x["t"] for s in series for x in s.get("samples") or []), default=0.0)
     for i, s in enumerate(series):
-        name = f"{s['shard_id']}" + (f" (retry {s['attempt']})" if (s.get("attempt") or 0) > 0 else "")
+        name = f"{s['shard_id']}" + (f" (attempt {s['attempt']})" if (s.get("attempt") or 1) > 1 else "")
         for x in s.get("samples") or []:
             at = round(x["t"] - first, 1)
             bucket = totals.setdefault(round(at / RESOURCE_BUCKET_S) * RESOURCE_BUCKET_S, {"cpu": 0.0, "memory": 0.0})

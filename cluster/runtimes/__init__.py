@@ -7,11 +7,13 @@ cluster) is only ever chosen by name, never by `auto`.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .base import (
     LaunchRequest,
+    LocalRuntime,
     RuntimeUnavailable,
     Sandbox,
     SandboxError,
@@ -23,15 +25,19 @@ from .base import (
 from .bubblewrap import BubblewrapRuntime
 from .gvisor import GvisorRuntime
 
-LOCAL_RUNTIMES: dict[str, type[SandboxRuntime]] = {"gvisor": GvisorRuntime, "bubblewrap": BubblewrapRuntime}
+if TYPE_CHECKING:
+    from proctor.settings import Settings
+
+LOCAL_RUNTIMES: dict[str, type[LocalRuntime]] = {"gvisor": GvisorRuntime, "bubblewrap": BubblewrapRuntime}
 
 __all__ = [
-    "LaunchRequest", "RuntimeUnavailable", "Sandbox", "SandboxError", "SandboxExit", "SandboxLimits",
+    "LaunchRequest", "LocalRuntime", "RuntimeUnavailable", "Sandbox", "SandboxError", "SandboxExit", "SandboxLimits",
     "SandboxRuntime", "SandboxStats", "BubblewrapRuntime", "GvisorRuntime", "select_runtime", "LOCAL_RUNTIMES",
+    "reap_owner",
 ]
 
 
-def select_runtime(name: str, workdir: Path, runsc_platform: str = "ptrace", settings: Any = None) -> SandboxRuntime:
+def select_runtime(name: str, workdir: Path, runsc_platform: str = "ptrace", settings: Settings | None = None) -> SandboxRuntime:
     """The runtime called `name` ('auto' picks the strongest local one). `settings` (a
     `proctor.settings.Settings`; read from the environment if not given) configures the
     kubernetes runtime. Raises `RuntimeUnavailable` saying how to install or configure one."""
@@ -61,4 +67,24 @@ def select_runtime(name: str, workdir: Path, runsc_platform: str = "ptrace", set
     cls.check()
     if cls is GvisorRuntime:
         return GvisorRuntime(workdir, platform=runsc_platform)
-    return cls(workdir)  # type: ignore[call-arg]
+    return cls(workdir)
+
+
+def reap_owner(workdir: Path, runsc_platform: str = "ptrace") -> int:
+    """Kill and remove every sandbox that an owner of `workdir` (a supervisor, gone or
+    stopped) left there, and the workspaces: each local runtime that can run here reaps
+    each runtime folder in it (named for the runtime that used it: `gvisor`, `bubblewrap`,
+    `auto`, ...). Returns how many sandboxes were killed. Blocking; for the supervisor's
+    next life, and for `proctor down` once the supervisors are gone."""
+    killed = 0
+    folders = [d for d in workdir.iterdir() if d.is_dir()] if workdir.is_dir() else []
+    for folder in folders:
+        for name, cls in LOCAL_RUNTIMES.items():
+            try:
+                cls.check()
+            except RuntimeUnavailable:
+                continue
+            killed += len(select_runtime(name, folder, runsc_platform).reap())
+        for ws in folder.glob("ws-*"):
+            shutil.rmtree(ws, ignore_errors=True)
+    return killed

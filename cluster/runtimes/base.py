@@ -15,7 +15,9 @@ their process. The pod sandbox (kubernetes.py) builds on it with an attach strea
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import shutil
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -23,11 +25,18 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-from proctor.protocol import EventParser, MAX_LINE_BYTES
+from proctor.protocol import MAX_LINE_BYTES, EventParser, ParsedEvent
 
-ExitReason = Literal["exited", "deadline", "output_cap", "oom", "killed", "launch_failed"]
+from .cgroups import ROOT as CGROUP_ROOT
+from .cgroups import CgroupSet
+
+# what the harness keeps as the sandbox's root: to run commands as other users, kill the
+# agent's processes, and give it its folder; nothing else (no mount, no ptrace, no net)
+HARNESS_CAPABILITIES = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER")
+
+ExitReason = Literal["exited", "deadline", "output_cap", "oom", "pids", "killed", "launch_failed"]
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -54,9 +63,14 @@ class SandboxLimits:
 class LaunchRequest:
     """What to run in a sandbox and with which limits.
 
-    `argv` runs inside as a non-root user with `workspace` (a host folder) mounted
-    read-write at `/workspace`, `ro_binds` (host path → sandbox path) mounted read-only,
-    and `env` as its whole environment.
+    `argv` runs inside (as the sandbox's root holding `HARNESS_CAPABILITIES` where the
+    runtime has `harness_root`, else as a non-root user) with `workspace` (a host folder)
+    mounted read-write at `/workspace`, `ro_binds` (host path → sandbox path) mounted
+    read-only, and `env` as its whole environment. `rootfs`: an image's root filesystem,
+    shared read-only (it has every mount point the runtime needs, `/opt/proctor`
+    included); None for an empty root with the host's `/usr` bound into it. `image`: the
+    same image by reference, for a runtime whose nodes pull it (`pulls_images`); the
+    harness is then injected by the runtime, and `ro_binds` do not apply.
     """
 
     sandbox_id: str
@@ -65,12 +79,28 @@ class LaunchRequest:
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     env: tuple[tuple[str, str], ...] = ()
     ro_binds: tuple[tuple[str, str], ...] = ()
+    rootfs: Path | None = None
+    image: str | None = None  # a digest-pinned reference (NAME@sha256:...), for a runtime that pulls it (kubernetes)
     trace_syscalls: tuple[str, ...] = ()  # traced where the runtime can (gVisor: `runsc --strace`)
     # what only a runtime with nodes and a network can honour (kubernetes); local ones ignore them
     gpus: int = 0
     gpu_type: str | None = None  # one of proctor.spec.KNOWN_GPU_TYPES
     egress: tuple[str, ...] = ()  # "CIDR:port" destinations the sandbox may reach (validated in the spec)
     labels: tuple[tuple[str, str], ...] = ()  # what it belongs to, e.g. ("proctor.dev/eval-id", ...)
+    # the conversation on the channel: a shard's, or the service mode's (`proctor.requests`)
+    protocol: Literal["shard", "service"] = "shard"
+    # local runtimes: a network namespace (a path under /run/netns) to join instead of having
+    # no network, and the names the sandbox resolves in it (its /etc/hosts)
+    netns: str | None = None
+    hosts: tuple[tuple[str, str], ...] = ()  # (name, address)
+    # kubernetes: the private network (made by `KubernetesRuntime.open_network`) the pod joins,
+    # and the name its siblings reach it by (its `hostname` there)
+    network: str | None = None
+    hostname: str | None = None
+
+    def hosts_file(self) -> str:
+        """The sandbox's /etc/hosts."""
+        return "127.0.0.1 localhost\n" + "".join(f"{address} {name}\n" for name, address in self.hosts)
 
 
 @dataclass(frozen=True)
@@ -79,6 +109,7 @@ class SandboxStats:
     cpu_seconds: float | None = None
     pids: int | None = None
     at: float = 0.0
+    pids_refused: int | None = None  # process creations refused at the pids limit so far (cgroup events)
 
 
 @dataclass(frozen=True)
@@ -100,9 +131,13 @@ class Sandbox(ABC):
         self.request = request
         self.id = request.sandbox_id
         self.parser = EventParser(max_line_bytes=min(MAX_LINE_BYTES, request.limits.output_cap_bytes))
+        if request.protocol == "service":
+            from proctor.requests import SERVICE_OUT_TYPES, service_out_adapter
+
+            self.parser.types, self.parser.adapter = SERVICE_OUT_TYPES, service_out_adapter
 
     @abstractmethod
-    def events(self) -> AsyncIterator[Any]:
+    def events(self) -> AsyncIterator[ParsedEvent]:
         """Validated protocol events, in order, until the channel closes. Iterate it once: a
         reader that leaves early gives up the rest (a local runtime reads and drops it, so
         that the sandbox can end and `wait()` return)."""
@@ -125,13 +160,29 @@ class Sandbox(ABC):
     async def cleanup(self) -> None:
         """Remove everything the sandbox left on the host. Safe to call at any time, twice."""
 
+    @property
+    def trace_log(self) -> Path | None:
+        """Where the runtime writes the traced syscalls of `trace_syscalls`; None if it cannot."""
+        return None
+
+    @property
+    def output_bytes(self) -> int | None:
+        """Bytes the sandbox has written so far (stdout and stderr); None if the runtime does not count them."""
+        return None
+
 
 class SandboxRuntime(ABC):
     name: ClassVar[str]
     isolation: ClassVar[Literal["strong", "weak"]]
+    # the harness runs as the sandbox's root in a pid namespace of its own, holding only
+    # HARNESS_CAPABILITIES, so that the agent's commands run as another, powerless user
+    harness_root: ClassVar[bool] = False
     # whether the host can read the sandbox's workspace folder (local runtimes); a pod's
     # artifacts come inline in their `artifact` events instead
     shares_workspace: ClassVar[bool] = True
+    # whether a task's image goes by reference (`LaunchRequest.image`, pulled by a node)
+    # rather than as a root filesystem from the local image store
+    pulls_images: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -141,6 +192,45 @@ class SandboxRuntime(ABC):
     @abstractmethod
     async def launch(self, request: LaunchRequest) -> Sandbox:
         """Start a sandbox. Raises `SandboxError`; leaves nothing behind when it does."""
+
+    def reap(self) -> list[str]:
+        """Kill and remove every sandbox a dead owner of this runtime left behind (a
+        supervisor's previous life), and return their ids. Blocking; called once, when an
+        owner starts, before it launches anything. Runtimes with nothing local to reap
+        (pods are reconciled against the state store instead) return []."""
+        return []
+
+
+class LocalRuntime(SandboxRuntime):
+    """A runtime whose sandboxes are host processes under a folder of their owner's, each
+    in a cgroup that Proctor makes: `proctor/<owner>--<sandbox id>`, where `owner` names
+    the runtime and its folder, so that the next owner of the folder finds them all."""
+
+    def __init__(self, workdir: Path, cgroup_root: Path = CGROUP_ROOT):
+        self.workdir = workdir
+        self.cgroup_root = cgroup_root
+        self.owner = self.owner_of(workdir)
+
+    @classmethod
+    def owner_of(cls, workdir: Path) -> str:
+        """The owner part of the cgroup names of this runtime's sandboxes in `workdir`."""
+        return f"{cls.name[:6]}-{hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:12]}"
+
+    def cgroup_name(self, sandbox_id: str) -> str:
+        return f"{self.owner}--{sandbox_id}"
+
+    @staticmethod
+    def sandbox_of(cgroup: CgroupSet) -> str:
+        return next(iter(cgroup.dirs.values())).name.split("--", 1)[1]
+
+    @staticmethod
+    def remove_bundles(folder: Path) -> list[str]:
+        """Remove every sandbox's folder under `folder`; returns their names."""
+        removed = []
+        for bundle in folder.iterdir() if folder.is_dir() else ():
+            shutil.rmtree(bundle, ignore_errors=True)
+            removed.append(bundle.name)
+        return removed
 
 
 class StreamSandbox(Sandbox):
@@ -166,6 +256,14 @@ class StreamSandbox(Sandbox):
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self.request.limits.timeout_s, self._on_deadline)
 
+    def restart_clock(self) -> None:
+        """Start the wall-clock deadline and the duration again from now: a pooled sandbox's
+        shard gets its whole deadline from when it takes the sandbox (`cluster/pool.py`)."""
+        self.started = time.monotonic()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._arm_deadline()
+
     def _disarm_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
@@ -181,11 +279,6 @@ class StreamSandbox(Sandbox):
         """Remember why the sandbox ends; the first reason wins."""
         if self._reason is None:
             self._reason, self._detail = reason, detail
-
-    @property
-    def trace_log(self) -> Path | None:
-        """Where the runtime writes the traced syscalls of `trace_syscalls`; None if it cannot."""
-        return None
 
     @property
     def output_bytes(self) -> int:
@@ -213,10 +306,12 @@ class StreamSandbox(Sandbox):
 
 
 class ProcessSandbox(StreamSandbox):
-    """A sandbox driven through one local host process with piped stdin/stdout/stderr."""
+    """A sandbox driven through one local host process with piped stdin/stdout/stderr, in
+    a cgroup of Proctor's (made by `prepare`)."""
 
     def __init__(self, request: LaunchRequest):
         super().__init__(request)
+        self.cgroup: CgroupSet | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self._stderr_task: asyncio.Task[None] | None = None
         self._discarding: asyncio.Future[None] | None = None
@@ -234,13 +329,37 @@ class ProcessSandbox(StreamSandbox):
     def preexec(self) -> None:
         """Runs in the child between fork and exec (e.g. joining a cgroup)."""
 
+    def needs_preexec(self) -> bool:
+        """Whether `preexec` must run: without one, Python starts the host command with vfork
+        (cheaper than copying the calling process)."""
+        return type(self).preexec is not ProcessSandbox.preexec
+
+    def pass_fds(self) -> tuple[int, ...]:
+        """Descriptors the host command inherits (e.g. to be told when it may go on)."""
+        return ()
+
+    async def started_process(self) -> None:
+        """Finish setting up the sandbox once its host process exists (e.g. its user
+        namespace's id maps). Raises to fail the launch."""
+
     @abstractmethod
     async def force_kill(self) -> None:
         """Kill every process of the sandbox, including ones that left the process group."""
 
     def exit_reason_hint(self, returncode: int | None) -> tuple[ExitReason, str] | None:
-        """A runtime may recognise an OOM kill or similar from what it knows."""
+        """Why the sandbox ended, from what the host knows: the kernel's OOM kills in its
+        cgroup, or process creations its pids limit refused before it failed. Never from
+        anything the sandbox wrote or its exit code alone, which it chooses."""
+        if self.cgroup is not None and self.cgroup.oom_killed():
+            return "oom", f"killed at its memory limit of {self.request.limits.memory_bytes} bytes"
+        refused = self.cgroup.pids_refused() if self.cgroup is not None else None
+        if returncode != 0 and refused:  # it failed, and its processes had hit their host limit
+            return "pids", f"{refused} process creations refused at its host limit of {self.cgroup_pids_limit()}"
         return None
+
+    def cgroup_pids_limit(self) -> int:
+        """The pids limit of the sandbox's host cgroup (a runtime may add room for its own tasks)."""
+        return self.request.limits.pids
 
     async def remove(self) -> None:
         """Remove bundles, state and cgroups."""
@@ -258,9 +377,12 @@ class ProcessSandbox(StreamSandbox):
                 stderr=asyncio.subprocess.PIPE,
                 env=_host_env(),
                 start_new_session=True,
-                preexec_fn=self.preexec,
+                # without a child hook, Python spawns with vfork: no copy of this (large) process
+                preexec_fn=self.preexec if self.needs_preexec() else None,
                 close_fds=True,
+                pass_fds=self.pass_fds(),
             )
+            await self.started_process()
         except Exception as exc:
             await self.cleanup()
             raise SandboxError(f"{self.runtime}: could not start sandbox {self.id}: {exc}") from exc
@@ -272,7 +394,7 @@ class ProcessSandbox(StreamSandbox):
         while chunk := await self.proc.stderr.read(self.read_chunk):
             self._keep_stderr(chunk)
 
-    async def events(self) -> AsyncIterator[Any]:
+    async def events(self) -> AsyncIterator[ParsedEvent]:
         assert self.proc and self.proc.stdout
         at_eof = False
         try:
@@ -331,8 +453,12 @@ class ProcessSandbox(StreamSandbox):
         if self._stderr_task is not None:
             try:
                 await asyncio.wait_for(self._stderr_task, 5)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except asyncio.TimeoutError:
                 self._stderr_task.cancel()
+            except asyncio.CancelledError:
+                self._stderr_task.cancel()
+                if _cancelling():  # this wait() itself is being cancelled, not only the reader
+                    raise
         self._disarm_deadline()
         reason, detail = self._reason, self._detail
         if reason is None:
@@ -361,6 +487,11 @@ class ProcessSandbox(StreamSandbox):
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.close()
         await self.remove()
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _host_env() -> dict[str, str]:

@@ -1,8 +1,14 @@
 """Linux cgroups for one sandbox's processes: limits, usage, kill-all, removal.
 
-Used by runtimes that have no cgroup manager of their own (bubblewrap). Works on the
-unified hierarchy (cgroup v2) and on the legacy per-controller one (v1); `CgroupSet.create`
-returns None when neither is writable, and the runtime says so in its records.
+Proctor makes the cgroup of every local sandbox itself (bubblewrap's, and gVisor's, which
+runsc joins without owning it), so that the limits, the kernel's OOM count and the kill
+path never depend on what runs inside. Works on the unified hierarchy (cgroup v2) and on
+the legacy per-controller one (v1, with or without a `unified` mount beside it);
+`CgroupSet.create` returns None when neither is writable, and the runtime says so.
+
+Every sandbox cgroup is `proctor/<owner>--<sandbox id>`: `owned()` finds what an owner
+(a runtime's folder) left, on whichever layout the host has, so that a restarted owner
+can reap it.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +74,36 @@ class CgroupSet:
             _write(dirs["cpu"] / "cpu.cfs_quota_us", max(1000, int(cpus * 100_000)))
         return cg
 
+    @classmethod
+    def owned(cls, owner: str, root: Path = ROOT) -> list["CgroupSet"]:
+        """Every sandbox cgroup of `owner` (named `<owner>--*`) under `root`: v2's
+        `proctor/`, v1's `<controller>/proctor/` and a hybrid host's `unified/proctor/`."""
+        return cls._matching(lambda name: name.startswith(f"{owner}--"), root)
+
+    @classmethod
+    def named(cls, name: str, root: Path = ROOT) -> "CgroupSet | None":
+        """The cgroup `name` in every hierarchy that has it (including the controllers a
+        runtime such as runsc added beside Proctor's own), or None."""
+        found = cls._matching(lambda n: n == name, root)
+        return found[0] if found else None
+
+    @classmethod
+    def where(cls, wanted: Callable[[str], bool], root: Path = ROOT) -> list["CgroupSet"]:
+        """Every sandbox cgroup whose name satisfies `wanted` (a predicate on the name)."""
+        return cls._matching(wanted, root)
+
+    @classmethod
+    def _matching(cls, wanted: Callable[[str], bool], root: Path) -> list["CgroupSet"]:
+        found: dict[str, dict[str, Path]] = {}
+        v2 = (root / "cgroup.controllers").exists()
+        parents = {"unified": root / PARENT} if v2 else {
+            d.name: d / PARENT for d in _subdirs(root) if (d / PARENT).is_dir()}
+        for ctrl, parent in parents.items():
+            for d in _subdirs(parent):
+                if wanted(d.name):
+                    found.setdefault(d.name, {})[ctrl] = d
+        return [cls(2 if v2 or set(dirs) == {"unified"} else 1, dirs) for dirs in found.values()]
+
     def attach(self, pid: int = 0) -> None:
         """Move a process (0: the caller) into every controller. Safe between fork and exec."""
         for d in self.dirs.values():
@@ -74,11 +111,15 @@ class CgroupSet:
                 f.write(str(pid or os.getpid()))
 
     def pids(self) -> list[int]:
-        d = self.dirs.get("unified") or self.dirs["pids"]
-        try:
-            return [int(p) for p in (d / "cgroup.procs").read_text().split()]
-        except OSError:
-            return []
+        """Every process in the group (of each controller's folder: a process half-moved
+        by a dying owner may sit in some only)."""
+        found: set[int] = set()
+        for d in self.dirs.values():
+            try:
+                found.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+            except OSError:
+                pass
+        return sorted(found)
 
     def kill_all(self, timeout: float = 5.0) -> None:
         """SIGKILL every process in the group until none is left (a fork bomb keeps forking)."""
@@ -116,6 +157,20 @@ class CgroupSet:
     def pids_current(self) -> int | None:
         return _read_int(self.dirs.get("unified") or self.dirs["pids"], "pids.current")
 
+    def pids_refused(self) -> int | None:
+        """How many process creations the pids limit has refused here (`pids.events`)."""
+        d = self.dirs.get("unified") or self.dirs.get("pids")
+        if d is None:
+            return None
+        try:
+            for line in (d / "pids.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    return int(value)
+        except (OSError, ValueError):
+            return None
+        return None
+
     def oom_killed(self) -> bool:
         """Whether the kernel killed a process here for exceeding the memory limit."""
         d = self.dirs.get("unified") or self.dirs["memory"]
@@ -140,6 +195,13 @@ class CgroupSet:
                     break
                 except OSError:
                     time.sleep(0.02)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [d for d in path.iterdir() if d.is_dir() and not d.is_symlink()]
+    except OSError:
+        return []
 
 
 def _write(path: Path, value: object, missing_ok: bool = False) -> None:

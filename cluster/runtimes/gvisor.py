@@ -1,40 +1,58 @@
 """The `gvisor` runtime: `runsc` driven directly with a generated OCI bundle.
 
-Each sandbox gets a bundle whose root is an empty, read-only skeleton with read-only
+Each sandbox gets a bundle whose root is an empty, read-only skeleton (made once per set of
+mount points and shared, `GvisorRuntime.skeleton`) with read-only
 binds of only what the harness needs (`layout.py`), a private writable `/workspace`,
 private `/tmp` and `/dev`, no network (`--network=none`: loopback only, inside the
-sandbox's own network stack), uid/gid 65534, no capabilities, `noNewPrivileges`, a
-generated `/etc` and an explicit environment. Memory, pids and CPU limits go into the
-OCI spec, and runsc places the sandbox in cgroups that enforce them.
+sandbox's own network stack), `noNewPrivileges`, a generated `/etc` and an explicit
+environment. The harness runs as the sandbox's root (gVisor's, not the host's) with only
+`HARNESS_CAPABILITIES`; the agent's commands run as uid 65534 with none. Memory, pids and
+CPU limits are set on Proctor's own cgroup, which runsc joins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
 import signal
+import subprocess
+import tempfile
 from pathlib import Path
-from typing import Any
+
+from proctor.jsontypes import JsonObject
 
 from .base import (
+    HARNESS_CAPABILITIES,
     LaunchRequest,
+    LocalRuntime,
     ProcessSandbox,
     RuntimeUnavailable,
     Sandbox,
-    SandboxRuntime,
     SandboxStats,
-    ExitReason,
+    _host_env,
 )
 from .cgroups import PARENT, CgroupSet
-from .layout import SANDBOX_USER, WORKSPACE
+from .cgroups import ROOT as CGROUP_ROOT
+from .layout import ETC_GROUP as _GROUP
+from .layout import ETC_PASSWD as _PASSWD
+from .layout import INJECTED, WORKSPACE
+from .netns import enter
 
 INSTALL_HINT = "install gVisor: `apt-get install runsc` (Debian 12+) or see https://gvisor.dev/docs/user_guide/install/"
 
 HOST_THREADS = 512  # room for runsc's own host threads under the pids cgroup
-_PASSWD = f"root:x:0:0::/nonexistent:/usr/sbin/nologin\nnobody:x:{SANDBOX_USER}:{SANDBOX_USER}::{WORKSPACE}:/bin/sh\n"
-_GROUP = f"root:x:0:\nnogroup:x:{SANDBOX_USER}:\n"
+# The sandbox's pids limit is enforced inside, by the Sentry (RLIMIT_NPROC of the agent's
+# user: a fork over it fails with EAGAIN, as in Linux). The host cgroup must never be what
+# stops a fork: the Sentry dies of it (a panic in its ptrace platform, exit status 2),
+# taking the sandbox and the harness with it. The ptrace platform runs each sandbox
+# process as a host stub process with a host thread for every Sentry thread that has run
+# it: ~20 host tasks per sandbox process measured on 2 quiet CPUs, ~40 with the machine
+# loaded (the Sentry then runs more threads). The host limit stays a backstop against the
+# Sentry; a sandbox that dies at it ends as `pids`.
+HOST_TASKS_PER_PROCESS = 128
 
 
 class GvisorSandbox(ProcessSandbox):
@@ -55,7 +73,7 @@ class GvisorSandbox(ProcessSandbox):
             self.rt.runsc,
             "--root", str(self.rt.state),
             f"--platform={self.rt.platform}",
-            "--network=none",
+            "--network=sandbox" if self.request.netns else "--network=none",
             *self._trace_flags(),
             *self.rt.extra_flags,
             "run", "--bundle", str(self.bundle), self.id,
@@ -74,44 +92,46 @@ class GvisorSandbox(ProcessSandbox):
 
     def prepare(self) -> None:
         req = self.request
-        rootfs = self.bundle / "rootfs"
+        lim = req.limits
         self.bundle.mkdir(parents=True, exist_ok=False)
-        mounts: list[dict[str, Any]] = [
+        # Proctor's own cgroup, which runsc joins and leaves in place: its limits hold, and
+        # the kernel's OOM count can be read after the sandbox has gone
+        # (the host cgroup counts the sentry's and gofer's own threads too)
+        self.cgroup = CgroupSet.create(self.rt.cgroup_name(self.id), lim.memory_bytes, self.cgroup_pids_limit(),
+                                       lim.cpus, root=self.rt.cgroup_root)
+        if self.cgroup is None:
+            raise RuntimeUnavailable("gvisor: cannot create a cgroup under /sys/fs/cgroup for the sandbox's limits; "
+                                     "run as root on a host with writable cgroups")
+        mounts: list[JsonObject] = [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "noexec", "mode=755"]},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
         ]
+        if req.rootfs is not None:  # an image: the injected harness's mount points live in a tmpfs of their own
+            mounts.append({"destination": INJECTED, "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "nodev", "mode=755", "size=1m"]})
         for host, inside in req.ro_binds:
             mounts.append({"destination": inside, "type": "bind", "source": host,
                            "options": ["rbind", "ro", "nosuid", "nodev"]})
         mounts.append({"destination": WORKSPACE, "type": "bind", "source": str(req.workspace),
                        "options": ["rbind", "rw", "nosuid", "nodev"]})
-        for m in mounts:
-            (rootfs / m["destination"].lstrip("/")).mkdir(parents=True, exist_ok=True)
-        for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
-            if not (rootfs / link).exists():
-                (rootfs / link).symlink_to(target)
-        etc = rootfs / "etc"
-        etc.mkdir(exist_ok=True)
-        (etc / "passwd").write_text(_PASSWD)
-        (etc / "group").write_text(_GROUP)
-        (etc / "hosts").write_text("127.0.0.1 localhost\n")
-        (etc / "resolv.conf").write_text("")
-        (etc / "nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files\n")
-        for d in rootfs.rglob("*"):
-            if d.is_dir() and not d.is_symlink():
-                d.chmod(0o755)
-        lim = req.limits
+        if req.netns:  # the names of its private network, over the root's own /etc/hosts
+            (self.bundle / "hosts").write_text(req.hosts_file())
+            mounts.append({"destination": "/etc/hosts", "type": "bind", "source": str(self.bundle / "hosts"),
+                           "options": ["bind", "ro", "nosuid", "nodev"]})
+        points = [m["destination"] for m in mounts if m["destination"] != "/etc/hosts"]  # a file, in every root
+        root = str(req.rootfs) if req.rootfs is not None else str(self.rt.skeleton(points))
         period = 100_000
         config = {
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": False,
-                "user": {"uid": SANDBOX_USER, "gid": SANDBOX_USER, "additionalGids": []},
+                "user": {"uid": 0, "gid": 0, "additionalGids": []},  # the harness; the agent is SANDBOX_USER
                 "args": list(req.argv),
                 "env": [f"{k}={v}" for k, v in req.env],
                 "cwd": WORKSPACE,
-                "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
+                "capabilities": {k: list(HARNESS_CAPABILITIES) if k in ("bounding", "effective", "permitted") else []
+                                 for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
                 "noNewPrivileges": True,
                 "rlimits": [
                     {"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024},
@@ -119,30 +139,31 @@ class GvisorSandbox(ProcessSandbox):
                     {"type": "RLIMIT_NPROC", "hard": lim.pids, "soft": lim.pids},
                 ],
             },
-            "root": {"path": "rootfs", "readonly": True},
+            "root": {"path": root, "readonly": True},
             "hostname": "sandbox",
             "mounts": mounts,
             "linux": {
-                "cgroupsPath": f"/{PARENT}/{self.id}",
-                "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+                "cgroupsPath": f"/{PARENT}/{self.rt.cgroup_name(self.id)}",
+                "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+                + [{"type": "network", **({"path": req.netns} if req.netns else {})}],
                 "resources": {
                     "memory": {"limit": lim.memory_bytes, "swap": lim.memory_bytes},
                     # the host cgroup counts the sentry's and gofer's own threads too
-                    "pids": {"limit": lim.pids + HOST_THREADS},
+                    "pids": {"limit": self.cgroup_pids_limit()},
                     "cpu": {"quota": max(1000, int(lim.cpus * period)), "period": period},
                 },
                 "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
                 "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"],
             },
         }
-        (self.bundle / "config.json").write_text(json.dumps(config, indent=1))
+        (self.bundle / "config.json").write_text(json.dumps(config))
 
-    def _cgroup(self) -> CgroupSet:
-        name = f"{PARENT}/{self.id}"
-        root = Path("/sys/fs/cgroup")
-        if (root / "cgroup.controllers").exists():
-            return CgroupSet(2, {"unified": root / name})
-        return CgroupSet(1, {c: root / c / name for c in ("pids", "memory")})
+    def preexec(self) -> None:
+        if self.request.netns:  # the service's namespace of a private network (netns.py)
+            enter(self.request.netns, hide_root_check=True)
+
+    def needs_preexec(self) -> bool:
+        return bool(self.request.netns)  # else runsc starts with vfork
 
     async def force_kill(self) -> None:
         """SIGKILL every host process in the sandbox's cgroup (the sentry, its stubs and
@@ -154,15 +175,12 @@ class GvisorSandbox(ProcessSandbox):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        cgroup = self._cgroup()
-        if cgroup.pids():
-            cgroup.kill_all(timeout=2.0)
+        if self.cgroup is not None and self.cgroup.pids():
+            self.cgroup.kill_all(timeout=2.0)
 
-    def exit_reason_hint(self, returncode: int | None) -> tuple[ExitReason, str] | None:
-        tail = b"".join(self._stderr).decode("utf-8", "replace")
-        if returncode in (137, -9) or "out of memory" in tail.lower() or "oom" in tail.lower():
-            return "oom", f"killed at its memory limit of {self.request.limits.memory_bytes} bytes"
-        return None
+    def cgroup_pids_limit(self) -> int:
+        """The host cgroup's pids limit: room for the Sentry's host tasks (see HOST_TASKS_PER_PROCESS)."""
+        return self.request.limits.pids * HOST_TASKS_PER_PROCESS + HOST_THREADS
 
     async def stats(self) -> SandboxStats:
         out = await _output(self._runsc("events", "--stats", self.id))
@@ -182,22 +200,60 @@ class GvisorSandbox(ProcessSandbox):
 
     async def remove(self) -> None:
         await _quiet(self._runsc("delete", "--force", self.id))
+        for lock in self.rt.state.glob(f"*{self.id}*.lock"):  # runsc's own, left when it was busy
+            lock.unlink(missing_ok=True)
+        if self.cgroup is not None:  # with the controllers runsc added and may have left
+            (CgroupSet.named(self.rt.cgroup_name(self.id), self.rt.cgroup_root) or self.cgroup).remove()
         shutil.rmtree(self.bundle, ignore_errors=True)
 
 
-class GvisorRuntime(SandboxRuntime):
+class GvisorRuntime(LocalRuntime):
     name = "gvisor"
     isolation = "strong"
+    harness_root = True
 
     def __init__(self, workdir: Path, platform: str = "ptrace", runsc: str | None = None,
-                 extra_flags: tuple[str, ...] = ()):
+                 extra_flags: tuple[str, ...] = (), cgroup_root: Path = CGROUP_ROOT):
+        super().__init__(workdir, cgroup_root)
         self.runsc = runsc or shutil.which("runsc") or "runsc"
         self.platform = platform
         self.extra_flags = extra_flags
         self.state = workdir / "runsc-state"
         self.bundles = workdir / "bundles"
+        self.skeletons = workdir / "skeletons"  # shared read-only roots (`skeleton`)
         self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.bundles.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.skeletons.mkdir(exist_ok=True, mode=0o700)
+
+    def skeleton(self, mount_points: list[str]) -> Path:
+        """The root of a sandbox on the host's userland with these mount points: made once
+        per set of mount points and shared, read-only, by every sandbox that has them (each
+        sandbox's root is mounted read-only). Mount points, links into /usr, a generated /etc."""
+        key = hashlib.sha256("\0".join([_PASSWD, _GROUP, *sorted(set(mount_points))]).encode()).hexdigest()[:16]
+        rootfs = self.skeletons / key
+        if rootfs.is_dir():
+            return rootfs
+        building = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.skeletons))
+        for point in mount_points:
+            (building / point.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+            if not (building / link).exists():
+                (building / link).symlink_to(target)
+        etc = building / "etc"
+        etc.mkdir(exist_ok=True)
+        (etc / "passwd").write_text(_PASSWD)
+        (etc / "group").write_text(_GROUP)
+        (etc / "hosts").write_text("127.0.0.1 localhost\n")
+        (etc / "resolv.conf").write_text("")
+        (etc / "nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files\n")
+        for d in (building, *building.rglob("*")):
+            if d.is_dir() and not d.is_symlink():
+                d.chmod(0o755)
+        try:
+            building.rename(rootfs)
+        except OSError:  # another launch made it first
+            shutil.rmtree(building, ignore_errors=True)
+        return rootfs
 
     @classmethod
     def check(cls) -> None:
@@ -212,6 +268,23 @@ class GvisorRuntime(SandboxRuntime):
         sandbox = GvisorSandbox(request, self)
         await sandbox.start()
         return sandbox
+
+    def reap(self) -> list[str]:
+        """Kill and remove what a dead owner of this folder left: the containers runsc still
+        knows, the owner's cgroups (their processes killed), and the bundles."""
+        out = subprocess.run([self.runsc, "--root", str(self.state), "list", "--quiet"],
+                             capture_output=True, text=True, env=_host_env())
+        found = set(out.stdout.split())
+        for cgroup in CgroupSet.owned(self.owner, self.cgroup_root):  # first: runsc kill may wait on them
+            found.add(self.sandbox_of(cgroup))
+            cgroup.kill_all(timeout=2.0)
+        for sid in sorted(found):
+            subprocess.run([self.runsc, "--root", str(self.state), "delete", "--force", sid],
+                           capture_output=True, env=_host_env())
+        for cgroup in CgroupSet.owned(self.owner, self.cgroup_root):
+            cgroup.remove()
+        found.update(self.remove_bundles(self.bundles))
+        return sorted(found)
 
     async def running_ids(self) -> list[str]:
         """Ids of the sandboxes runsc still knows about (for reconciliation)."""

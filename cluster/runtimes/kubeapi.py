@@ -17,19 +17,23 @@ loop.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import json
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+
+from proctor.jsontypes import JsonObject
 
 from .base import RuntimeUnavailable, SandboxError
 
@@ -89,12 +93,20 @@ def api_error(exc: ApiException, what: str) -> SandboxError:
 
 def _retry_after(exc: ApiException) -> float | None:
     try:
-        return float((exc.headers or {}).get("Retry-After"))
+        value = (exc.headers or {}).get("Retry-After")
+        return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
 
 
-def _json(resp: Any) -> Any:
+def _raw(answer: object) -> urllib3.BaseHTTPResponse:
+    """What a client call made with `_preload_content=False` returns: the raw response, not
+    the model object (`V1Pod`, ...) that the client's annotations name."""
+    return cast(urllib3.BaseHTTPResponse, answer)
+
+
+def _json(answer: object) -> Any:  # the API server's JSON: the callers say what they expect
+    resp = _raw(answer)
     try:
         return json.loads(resp.data or b"null")
     finally:
@@ -102,7 +114,7 @@ def _json(resp: Any) -> Any:
 
 
 class KubeApi:
-    """Namespaced pods, NetworkPolicies and ConfigMaps, and pod metrics, as JSON dicts."""
+    """Namespaced pods, NetworkPolicies, ConfigMaps and Services, and pod metrics, as JSON dicts."""
 
     def __init__(self, cfg: client.Configuration, namespace: str, retry: RetryPolicy = RetryPolicy()):
         self.cfg = cfg
@@ -114,7 +126,7 @@ class KubeApi:
         self.custom = client.CustomObjectsApi(self.client)
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="proctor-kube")
         self.calls = {"pods": ("pod", self.core), "networkpolicies": ("network_policy", self.net),
-                      "configmaps": ("config_map", self.core)}
+                      "configmaps": ("config_map", self.core), "services": ("service", self.core)}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -122,11 +134,13 @@ class KubeApi:
 
     def _method(self, verb: str, kind: str) -> Callable[..., Any]:
         noun, api = self.calls[kind]
-        return getattr(api, f"{verb}_namespaced_{noun}")
+        method: Callable[..., Any] = getattr(api, f"{verb}_namespaced_{noun}")
+        return method
 
     async def call(self, what: str, fn: Callable[..., Any], *args: Any, attempts: int | None = None,
                    **kwargs: Any) -> Any:
-        """`fn(*args, **kwargs)` on the pool, retried; its JSON answer. Raises `SandboxError`."""
+        """`fn(*args, **kwargs)` on the pool, retried; its JSON answer. Raises `SandboxError`.
+        `fn` is a method of the Kubernetes client, whose arguments and answers are its own."""
         loop = asyncio.get_running_loop()
         tries = attempts or self.retry.attempts
         delay = self.retry.first_s
@@ -152,13 +166,15 @@ class KubeApi:
             delay = min(delay * 2, self.retry.max_s)
         raise AssertionError("unreachable")
 
-    async def create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, kind: str, body: JsonObject) -> JsonObject:
         name = body["metadata"]["name"]
-        return await self.call(f"create {kind}/{name}", self._method("create", kind), self.namespace, body)
+        made: JsonObject = await self.call(f"create {kind}/{name}", self._method("create", kind), self.namespace, body)
+        return made
 
-    async def get(self, kind: str, name: str, attempts: int | None = None) -> dict[str, Any]:
-        return await self.call(f"read {kind}/{name}", self._method("read", kind), name, self.namespace,
-                               attempts=attempts)
+    async def get(self, kind: str, name: str, attempts: int | None = None) -> JsonObject:
+        found: JsonObject = await self.call(f"read {kind}/{name}", self._method("read", kind), name, self.namespace,
+                                            attempts=attempts)
+        return found
 
     async def delete(self, kind: str, name: str, grace_s: int | None = None, attempts: int | None = None) -> bool:
         """Delete `name`; False if it was already gone."""
@@ -169,34 +185,41 @@ class KubeApi:
             return False
         return True
 
-    async def list(self, kind: str, label_selector: str) -> list[dict[str, Any]]:
-        found = await self.call(f"list {kind}", self._method("list", kind), self.namespace,
-                                label_selector=label_selector)
-        return found.get("items") or []
+    async def list(self, kind: str, label_selector: str) -> builtins.list[JsonObject]:
+        found: JsonObject = await self.call(f"list {kind}", self._method("list", kind), self.namespace,
+                                            label_selector=label_selector)
+        items: builtins.list[JsonObject] = found.get("items") or []
+        return items
 
-    async def events_of(self, pod: str) -> list[dict[str, Any]]:
+    async def events_of(self, pod: str) -> builtins.list[JsonObject]:
         """The events about pod `pod` (core/v1), oldest first as the API lists them."""
-        found = await self.call(f"list events of pod/{pod}", self.core.list_namespaced_event, self.namespace,
-                                field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod}")
-        return found.get("items") or []
+        found: JsonObject = await self.call(f"list events of pod/{pod}", self.core.list_namespaced_event,
+                                            self.namespace,
+                                            field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod}")
+        items: builtins.list[JsonObject] = found.get("items") or []
+        return items
 
-    async def pod_metrics(self, name: str) -> dict[str, Any]:
+    async def pod_metrics(self, name: str) -> JsonObject:
         """The metrics API's view of a pod (metrics-server); one attempt."""
-        return await self.call(f"read metrics of pod/{name}", self.custom.get_namespaced_custom_object,
-                               "metrics.k8s.io", "v1beta1", self.namespace, "pods", name, attempts=1)
+        metrics: JsonObject = await self.call(f"read metrics of pod/{name}", self.custom.get_namespaced_custom_object,
+                                              "metrics.k8s.io", "v1beta1", self.namespace, "pods", name, attempts=1)
+        return metrics
 
-    def get_pod_now(self, name: str) -> dict[str, Any] | None:
+    def get_pod_now(self, name: str) -> JsonObject | None:
         """The pod, read once from this thread; None if it does not exist."""
         try:
-            return _json(self.core.read_namespaced_pod(name, self.namespace, _preload_content=False,
-                                                       _request_timeout=(self.retry.connect_s, self.retry.read_s)))
+            pod: JsonObject = _json(self.core.read_namespaced_pod(
+                name, self.namespace, _preload_content=False, _request_timeout=(self.retry.connect_s, self.retry.read_s)))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        return pod
 
 
 GONE = None  # what a follower is handed once its pod no longer exists
+# what a follower is handed: the pod's latest version, GONE, or why it could not be read
+PodVersion = JsonObject | None | SandboxError
 
 
 class Follower:
@@ -206,10 +229,10 @@ class Follower:
     def __init__(self, informer: "PodInformer", name: str):
         self.informer = informer
         self.name = name
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queue: asyncio.Queue[PodVersion] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
 
-    def hand(self, item: Any) -> None:
+    def hand(self, item: PodVersion) -> None:
         try:
             self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
@@ -237,11 +260,11 @@ class PodInformer:
         self.api = api
         self.selector = selector
         self._lock = threading.Lock()
-        self._pods: dict[str, dict[str, Any]] = {}  # name -> its latest version (status, no spec)
+        self._pods: dict[str, JsonObject] = {}  # name -> its latest version (status, no spec)
         self._synced = False  # listed since the (re)start: `_pods` is the whole truth
         self._followers: dict[str, list[Follower]] = {}
         self._stop = threading.Event()
-        self._resp: Any = None
+        self._resp: urllib3.BaseHTTPResponse | None = None
         self._thread: threading.Thread | None = None
 
     def follow(self, name: str) -> Follower:
@@ -271,7 +294,7 @@ class PodInformer:
 
     # ------------------------------------------------------------ the thread
 
-    def _update(self, name: str, pod: dict[str, Any] | None) -> None:
+    def _update(self, name: str, pod: JsonObject | None) -> None:
         with self._lock:
             if pod is None:
                 self._pods.pop(name, None)
@@ -324,12 +347,12 @@ class PodInformer:
         while not self._stop.is_set():
             if version is None:
                 version = self._relist()
-            self._resp = self.api.core.list_namespaced_pod(
+            self._resp = stream = _raw(self.api.core.list_namespaced_pod(
                 self.api.namespace, label_selector=self.selector, watch=True, resource_version=version,
                 timeout_seconds=self.watch_s, allow_watch_bookmarks=True, _preload_content=False,
-                _request_timeout=(self.api.retry.connect_s, self.watch_s + 10))
+                _request_timeout=(self.api.retry.connect_s, self.watch_s + 10)))
             try:
-                for line in _lines(self._resp):
+                for line in _lines(stream):
                     event = json.loads(line)
                     obj = event.get("object") or {}
                     if event.get("type") == "ERROR":
@@ -346,9 +369,9 @@ class PodInformer:
                     if self._stop.is_set():
                         return
             finally:
-                resp, self._resp = self._resp, None
-                resp.close()  # left early (a 410, a stop) it holds unread data: never back to the pool
-                resp.release_conn()
+                self._resp = None
+                stream.close()  # left early (a 410, a stop) it holds unread data: never back to the pool
+                stream.release_conn()
 
     def _poll(self, for_s: float) -> None:
         failures: dict[str, int] = {}
@@ -380,13 +403,13 @@ class PodInformer:
             f.hand(error)
 
 
-def _brief(pod: dict[str, Any]) -> dict[str, Any]:
+def _brief(pod: JsonObject) -> JsonObject:
     """What is kept of a pod: its metadata (without managedFields) and status."""
     meta = {k: v for k, v in (pod.get("metadata") or {}).items() if k != "managedFields"}
     return {"metadata": meta, "status": pod.get("status") or {}}
 
 
-def _lines(resp: Any) -> Any:
+def _lines(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     """The lines of a streamed response (a watch sends one JSON event per line)."""
     pending = b""
     for chunk in resp.stream(16 * 1024, decode_content=False):

@@ -35,19 +35,25 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kubernetes.utils import parse_quantity
 
+from proctor.jsontypes import JsonObject
 from proctor.podentry import MAX_WORKSPACE_BYTES, WorkspaceError, pack_workspace
+from proctor.protocol import ParsedEvent
 
 from .base import (ExitReason, LaunchRequest, Sandbox, SandboxError, SandboxExit, SandboxRuntime, SandboxStats,
                    StreamSandbox)
 from .kubeapi import GONE, RETRIED, Conflict, KubeApi, NotFound, PodInformer, RetryPolicy, load_configuration
-from .podattach import STDERR, STDOUT, PodChannel
+from .podattach import STDERR, STDOUT, AttachRefused, PodChannel
+from .podnetwork import PodNetwork, join_network, networks_of, reap_networks
 from .podspec import (CONTAINER, SANDBOX, PodSettings, anchor_manifest, deny_all_manifest, pod_manifest, pod_name,
                       policy_manifest, policy_name)
 from .podstatus import end_state, start_state, stuck_reason
+
+if TYPE_CHECKING:
+    from proctor.settings import Settings
 
 log = logging.getLogger("proctor.kubernetes")
 
@@ -94,7 +100,7 @@ class PodSandbox(StreamSandbox):
         self._removed = False
         self._stats = SandboxStats()
         self._stats_at = float("-inf")
-        self._scrape: tuple[Any, Any] = (None, None)  # the metrics API's last (timestamp, window)
+        self._scrape: tuple[object, object] = (None, None)  # the metrics API's last (timestamp, window)
         self._cpu_s = 0.0
 
     # ------------------------------------------------------------ launch
@@ -116,7 +122,8 @@ class PodSandbox(StreamSandbox):
             await self.api.create("networkpolicies", policy)
         self._made["pod"] = True
         try:
-            await self.api.create("pods", pod_manifest(self.request, self.rt.pods, anchor))
+            await self.api.create("pods", join_network(pod_manifest(self.request, self.rt.pods, anchor), self.request,
+                                                       self.rt.pods))
         except Conflict as exc:  # a retried create whose first try went through made it: ours (ids are unique)
             existing = await self.api.get("pods", self.pod)
             if _sandbox_of(existing) != self.id:
@@ -136,7 +143,7 @@ class PodSandbox(StreamSandbox):
             try:
                 return await PodChannel.open(self.api.cfg, self.api.namespace, self.pod, CONTAINER)
             except SandboxError as exc:
-                status = getattr(exc, "status", None)
+                status = exc.status if isinstance(exc, AttachRefused) else None
                 if attempt == retry.attempts or (status is not None and status not in RETRIED):
                     raise
             await asyncio.sleep(delay)
@@ -150,7 +157,7 @@ class PodSandbox(StreamSandbox):
         placed_since: float | None = None
         look_at = 0.0  # when to read a slow pod's events next
         watch = self.rt.informer.follow(self.pod)
-        pod: dict[str, Any] | None = {}
+        pod: JsonObject | None = {}
         followed = loop.time()
         try:
             while True:
@@ -224,7 +231,7 @@ class PodSandbox(StreamSandbox):
         finally:
             self._chunks.put_nowait(None)
 
-    async def events(self) -> AsyncIterator[Any]:
+    async def events(self) -> AsyncIterator[ParsedEvent]:
         while (chunk := await self._chunks.get()) is not None:
             for event in self.parser.feed(chunk):
                 yield event
@@ -375,8 +382,9 @@ class KubernetesRuntime(SandboxRuntime):
     name = "kubernetes"
     isolation = "strong"
     shares_workspace = False  # artifacts come inline in their events
+    pulls_images = True  # a task's image by its pinned reference; the harness bundle copied in (podspec.py)
 
-    def __init__(self, settings: Any, retry: RetryPolicy = RetryPolicy()):
+    def __init__(self, settings: Settings, retry: RetryPolicy = RetryPolicy()):
         self.pods = PodSettings.of(settings)
         self.pending_timeout_s: float = settings.kube_pending_timeout_s
         self.metrics_every_s = METRICS_EVERY_S  # how often a sandbox's stats() asks the metrics API
@@ -384,7 +392,8 @@ class KubernetesRuntime(SandboxRuntime):
         self.api = KubeApi(load_configuration(settings.kubeconfig), self.pods.namespace, retry)
         self.informer = PodInformer(self.api, self.pods.selector)  # one watch for every starting pod
         self.active: dict[str, PodSandbox] = {}
-        self._anchor: dict[str, Any] | None = None
+        self.networks: set[str] = set()  # the private networks open here (podnetwork.py)
+        self._anchor: JsonObject | None = None
         self._anchor_at = float("-inf")
 
     @classmethod
@@ -408,10 +417,22 @@ class KubernetesRuntime(SandboxRuntime):
             raise
         return sandbox
 
+    async def open_network(self, network: str, services: list[str],
+                           labels: tuple[tuple[str, str], ...] = ()) -> PodNetwork:
+        """A private network for the pods whose request names `network` (podnetwork.py);
+        `close()` it after them. Raises `SandboxError`."""
+        self.networks.add(network)
+        try:
+            return await PodNetwork.open(self.api, self.pods, await self.anchor(), network, services, labels,
+                                         closed=self.networks.discard)
+        except BaseException:
+            self.networks.discard(network)
+            raise
+
     def forget_anchor(self) -> None:
         self._anchor = None
 
-    async def anchor(self) -> dict[str, Any]:
+    async def anchor(self) -> JsonObject:
         """The instance's anchor ConfigMap (made if missing), and the namespace's deny-all
         policy (likewise), checked every `ANCHOR_TTL_S`."""
         now = asyncio.get_running_loop().time()
@@ -422,7 +443,7 @@ class KubernetesRuntime(SandboxRuntime):
         self._anchor_at = now
         return self._anchor
 
-    async def _ensure(self, kind: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    async def _ensure(self, kind: str, manifest: JsonObject) -> JsonObject:
         name = manifest["metadata"]["name"]
         try:
             return await self.api.get(kind, name)
@@ -434,7 +455,8 @@ class KubernetesRuntime(SandboxRuntime):
             return await self.api.get(kind, name)
 
     async def reconcile(self, live: set[str] | Callable[[], set[str]]) -> list[str]:
-        """Delete this instance's pods and policies whose sandbox is not live; returns the
+        """Delete this instance's pods and policies whose sandbox is not live, and the private
+        networks that no kept pod belongs to and this runtime did not open; returns the
         sandbox ids of the deleted pods. `live` may be a function: it is called after the
         pods are listed, so that a pod made meanwhile (its shard marked running first) is in it.
         Sandboxes this runtime runs now are always live. Raises `SandboxError`."""
@@ -447,6 +469,8 @@ class KubernetesRuntime(SandboxRuntime):
             if sid is not None and sid not in keep:
                 await self.api.delete("pods", pod["metadata"]["name"], grace_s=KILL_GRACE_S)
                 deleted.append(sid)
+        kept = [p for p in pods if _sandbox_of(p) not in deleted]
+        await reap_networks(self.api, self.pods.selector, networks_of(kept) | self.networks)
         for policy in policies:
             sid = _sandbox_of(policy)
             if sid is not None and sid not in keep:
@@ -456,7 +480,7 @@ class KubernetesRuntime(SandboxRuntime):
         return sorted(deleted)
 
 
-def _sandbox_of(obj: dict[str, Any]) -> str | None:
+def _sandbox_of(obj: JsonObject) -> str | None:
     meta = obj.get("metadata") or {}
     return (meta.get("annotations") or {}).get(SANDBOX) or (meta.get("labels") or {}).get(SANDBOX)
 

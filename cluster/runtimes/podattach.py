@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,10 +25,14 @@ from urllib.parse import urlencode
 from kubernetes import client
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from proctor.jsontypes import JsonObject
 
 from .base import SandboxError
 
-PROTOCOL = "v4.channel.k8s.io"
+log = logging.getLogger("proctor.kubernetes")
+PROTOCOL = Subprotocol("v4.channel.k8s.io")
 STDIN, STDOUT, STDERR, STATUS = 0, 1, 2, 3
 FRAME_BYTES = 256 * 1024  # stdin goes out in messages of at most this size
 
@@ -59,8 +64,19 @@ def auth_headers(cfg: client.Configuration) -> dict[str, str]:
     if token:
         return {"Authorization": token}
     if cfg.username:
-        return {"Authorization": cfg.get_basic_auth_token()}
+        basic = cfg.get_basic_auth_token()
+        if basic is not None:  # always, with a user name
+            return {"Authorization": basic}
     return {}
+
+
+class AttachRefused(SandboxError):
+    """The API server answered the attach request with an HTTP error (`status`). Caught by
+    the pod sandbox, which retries it like an API call when the status says that may help."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 class PodChannel:
@@ -68,14 +84,14 @@ class PodChannel:
 
     def __init__(self, ws: ClientConnection):
         self.ws = ws
-        self.status: dict[str, Any] | None = None
+        self.status: JsonObject | None = None
         self._writing = asyncio.Lock()  # a line goes in several messages: one writer at a time
 
     @classmethod
     async def open(cls, cfg: client.Configuration, namespace: str, pod: str, container: str,
                    timeout_s: float = 30.0) -> "PodChannel":
         url = attach_url(cfg, namespace, pod, container)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {}  # for connect()'s **kwargs (its own are typed one by one): ssl, server_hostname
         ctx = tls_context(cfg)
         if ctx is not None:
             extra["ssl"] = ctx
@@ -88,9 +104,8 @@ class PodChannel:
                 close_timeout=1, max_size=8 * 1024**2, user_agent_header="proctor", **extra,
             )
         except InvalidStatus as exc:
-            error = SandboxError(f"kubernetes API: attach pod/{pod}: {_status_text(exc)}")
-            error.status = exc.response.status_code  # type: ignore[attr-defined]
-            raise error from exc
+            raise AttachRefused(f"kubernetes API: attach pod/{pod}: {_status_text(exc)}",
+                                exc.response.status_code) from exc
         except (InvalidHandshake, OSError, asyncio.TimeoutError) as exc:
             raise SandboxError(f"kubernetes API: attach pod/{pod}: {type(exc).__name__}: {exc}") from exc
         if ws.subprotocol != PROTOCOL:
@@ -122,7 +137,8 @@ class PodChannel:
                         self.status = {"status": "Failure", "message": data[1:200].decode("utf-8", "replace")}
                     continue
                 yield data[0], data[1:]
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
+            log.info("attach stream closed: %s", exc)  # e.g. a keepalive ping that got no answer
             return
 
     async def close(self) -> None:

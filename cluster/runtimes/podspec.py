@@ -19,6 +19,12 @@ Pure functions of a `LaunchRequest` and a `PodSettings`; `kubernetes.py` sends t
   the namespace also gets a deny-all policy, owned by nobody, so that it outlives the anchor.
   NetworkPolicies need a CNI that enforces them (Calico, Cilium, ...).
 
+- A task's image (`LaunchRequest.image`, pinned by digest): the container runs that image,
+  and the harness comes from the bundle image (`bundle.py`): an init container, as
+  hardened as the main one, copies the bundle into an emptyDir that the task's container
+  mounts read-only at `/opt/proctor` and starts the harness from, through the bundle's own
+  dynamic loader. The image needs nothing of Proctor's; the agent's programs are its own.
+
 The pids limit is the kubelet's `podPidsLimit` (a node setting): a pod cannot set its own.
 """
 
@@ -29,10 +35,18 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from proctor.jsontypes import JsonObject
+
+from proctor.podentry import HARNESS_FLAGS
 
 from .base import LaunchRequest
-from .layout import SANDBOX_USER, WORKSPACE
+from .bundle import BUNDLE_ROOT, BundleCommand
+from .layout import INJECTED, SANDBOX_USER, WORKSPACE, is_harness
+
+if TYPE_CHECKING:
+    from proctor.settings import Settings
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 INSTANCE = "proctor.dev/instance"
@@ -45,7 +59,10 @@ GPU = "nvidia.com/gpu"
 GFD_PRODUCT = "nvidia.com/gpu.product"
 TMP_BYTES = 64 * 1024**2  # the memory-backed /tmp (it counts against the memory limit)
 LOG_BYTES = 64 * 1024**2  # container logs count as ephemeral storage besides the workspace
-HOST_ONLY_ENV = ("PATH", "PYTHONPATH")  # the local layout's; the image has its own
+HOST_ONLY_ENV = ("PATH", "PYTHONPATH", "PYTHONHOME")  # the local layout's; the image has its own
+INIT_CONTAINER = "harness"  # copies the harness bundle in, for a pod in a task's image
+HARNESS_VOLUME = "harness"
+HARNESS_BYTES = 256 * 1024**2  # the emptyDir the bundle is copied into (it is about 110 MiB)
 
 # what NVIDIA GPU feature discovery writes in `nvidia.com/gpu.product` for each of our types
 GPU_PRODUCTS: dict[str, tuple[str, ...]] = {
@@ -67,13 +84,14 @@ class PodSettings:
 
     namespace: str = "proctor-sandboxes"
     image: str = "ghcr.io/proctor-dev/proctor-harness:0.1.0"
+    bundle_image: str = "ghcr.io/proctor-dev/proctor-harness-bundle:0.1.0"
     instance: str = "proctor"
     runtime_class: str = "gvisor"
     gpu_node_label: str = GFD_PRODUCT
 
     @classmethod
-    def of(cls, settings: Any) -> "PodSettings":
-        return cls(settings.kube_namespace, settings.kube_image, settings.kube_instance,
+    def of(cls, settings: Settings) -> "PodSettings":
+        return cls(settings.kube_namespace, settings.kube_image, settings.kube_bundle_image, settings.kube_instance,
                    settings.kube_runtime_class, settings.kube_gpu_node_label)
 
     @property
@@ -129,12 +147,12 @@ def labels_of(request: LaunchRequest, settings: PodSettings) -> dict[str, str]:
     return labels
 
 
-def owner_reference(anchor: dict[str, Any]) -> dict[str, Any]:
+def owner_reference(anchor: JsonObject) -> JsonObject:
     meta = anchor["metadata"]
     return {"apiVersion": "v1", "kind": "ConfigMap", "name": meta["name"], "uid": meta["uid"]}
 
 
-def anchor_manifest(settings: PodSettings) -> dict[str, Any]:
+def anchor_manifest(settings: PodSettings) -> JsonObject:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -145,22 +163,28 @@ def anchor_manifest(settings: PodSettings) -> dict[str, Any]:
     }
 
 
-def container_args(argv: tuple[str, ...]) -> list[str]:
-    """What follows `python -m proctor.podentry` in the pod: nothing for the harness (the
-    entrypoint runs it), else `--` and the command, its Python being the image's."""
-    for i, arg in enumerate(argv[:-1]):
-        if arg == "-m" and argv[i + 1] == "proctor.harness":
-            return []
+INJECTED_PYTHON = BundleCommand(INJECTED)  # the bundle, as a task's container sees it
+
+
+def container_args(argv: tuple[str, ...], injected: bool = False) -> list[str]:
+    """What follows `python -m proctor.podentry` in the pod: for the harness (the entrypoint
+    runs it), its flags among `HARNESS_FLAGS` (`--service`: the service mode), else `--`
+    and the command, its Python being the image's (or the injected bundle's, `injected`,
+    in a task's image)."""
     if not argv:
         return []
+    if is_harness(argv):
+        return [a for a in argv if a in HARNESS_FLAGS]
     command = list(argv)
     if Path(command[0]).name.startswith("python"):
-        command[0] = "python"
+        command[0:1] = [*INJECTED_PYTHON.launcher, INJECTED_PYTHON.python] if injected else ["python"]
     return ["--", *command]
 
 
 def pod_env(request: LaunchRequest) -> list[dict[str, str]]:
     env = {k: v for k, v in request.env if k not in HOST_ONLY_ENV}
+    if request.image is not None:
+        env.update(INJECTED_PYTHON.env)
     env.update({"HOME": WORKSPACE, "TMPDIR": "/tmp", "PROCTOR_WORKSPACE": WORKSPACE})
     return [{"name": k, "value": v} for k, v in env.items()]
 
@@ -170,19 +194,19 @@ def resources(request: LaunchRequest) -> dict[str, dict[str, str]]:
     amounts = {
         "cpu": f"{max(1, round(lim.cpus * 1000))}m",
         "memory": str(lim.memory_bytes),
-        "ephemeral-storage": str(lim.disk_bytes + LOG_BYTES),
+        "ephemeral-storage": str(lim.disk_bytes + LOG_BYTES + (HARNESS_BYTES if request.image else 0)),
     }
     if request.gpus:
         amounts[GPU] = str(request.gpus)
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def gpu_placement(request: LaunchRequest, settings: PodSettings) -> dict[str, Any]:
+def gpu_placement(request: LaunchRequest, settings: PodSettings) -> JsonObject:
     """Node affinity on the GPU model and the GPU nodes' taint tolerated; nothing for CPU pods.
     An affinity rather than a nodeSelector: one GPU type is several product names."""
     if not request.gpus:
         return {}
-    placement: dict[str, Any] = {"tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]}
+    placement: JsonObject = {"tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]}
     if request.gpu_type:
         if settings.gpu_node_label == GFD_PRODUCT:
             values = list(GPU_PRODUCTS.get(request.gpu_type, (request.gpu_type,)))
@@ -194,34 +218,45 @@ def gpu_placement(request: LaunchRequest, settings: PodSettings) -> dict[str, An
     return placement
 
 
-def pod_manifest(request: LaunchRequest, settings: PodSettings, anchor: dict[str, Any]) -> dict[str, Any]:
+def pod_manifest(request: LaunchRequest, settings: PodSettings, anchor: JsonObject) -> JsonObject:
     lim = request.limits
     non_root = {"runAsNonRoot": True, "runAsUser": SANDBOX_USER, "runAsGroup": SANDBOX_USER}
     runtime_default = {"seccompProfile": {"type": "RuntimeDefault"}}
     annotations = {SANDBOX: request.sandbox_id, **{k: v for k, v in request.labels}}
+    security = {
+        **non_root,
+        **runtime_default,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    injected = request.image is not None
     container = {
         "name": CONTAINER,
-        "image": settings.image,
+        "image": request.image if injected else settings.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "proctor.podentry"],
-        "args": container_args(request.argv),
+        "command": INJECTED_PYTHON.argv("-m", "proctor.podentry") if injected else ["python", "-m", "proctor.podentry"],
+        "args": container_args(request.argv, injected),
         "workingDir": WORKSPACE,
         "env": pod_env(request),
         "stdin": True,
         "stdinOnce": True,
         "tty": False,
         "resources": resources(request),
-        "securityContext": {
-            **non_root,
-            **runtime_default,
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE}, {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": security,
+        "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE}, {"name": "tmp", "mountPath": "/tmp"},
+                         *([{"name": HARNESS_VOLUME, "mountPath": INJECTED, "readOnly": True}] if injected else [])],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    volumes: list[JsonObject] = [
+        {"name": "workspace", "emptyDir": {"sizeLimit": str(lim.disk_bytes)}},
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(TMP_BYTES)}},
+    ]
+    injection: JsonObject = {}
+    if injected:
+        volumes.append({"name": HARNESS_VOLUME, "emptyDir": {"sizeLimit": str(HARNESS_BYTES)}})
+        injection["initContainers"] = [harness_init_container(request, settings, security)]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -244,24 +279,40 @@ def pod_manifest(request: LaunchRequest, settings: PodSettings, anchor: dict[str
             "terminationGracePeriodSeconds": 5,
             "securityContext": {**non_root, **runtime_default, "fsGroup": SANDBOX_USER},
             **gpu_placement(request, settings),
+            **injection,
             "containers": [container],
-            "volumes": [
-                {"name": "workspace", "emptyDir": {"sizeLimit": str(lim.disk_bytes)}},
-                {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(TMP_BYTES)}},
-            ],
+            "volumes": volumes,
         },
     }
 
 
-def egress_rule(entry: str) -> dict[str, Any]:
+def harness_init_container(request: LaunchRequest, settings: PodSettings, security: JsonObject) -> JsonObject:
+    """The init container that copies the harness bundle from the bundle image into the
+    pod's harness volume, with the bundle's own Python (the bundle image holds nothing else)."""
+    amounts = {k: v for k, v in resources(request)["limits"].items() if k != GPU}
+    bundle = BundleCommand(BUNDLE_ROOT)
+    return {
+        "name": INIT_CONTAINER,
+        "image": settings.bundle_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": bundle.copy_to(INJECTED),
+        "env": [{"name": k, "value": v} for k, v in bundle.env],
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "securityContext": security,
+        "volumeMounts": [{"name": HARNESS_VOLUME, "mountPath": INJECTED}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def egress_rule(entry: str) -> JsonObject:
     """One allowed destination, `CIDR:port` (validated by the spec), as a policy rule."""
     cidr, _, port = entry.rpartition(":")
     return {"to": [{"ipBlock": {"cidr": cidr.strip("[]")}}], "ports": [{"protocol": "TCP", "port": int(port)}]}
 
 
-def policy_manifest(request: LaunchRequest, settings: PodSettings, anchor: dict[str, Any]) -> dict[str, Any]:
+def policy_manifest(request: LaunchRequest, settings: PodSettings, anchor: JsonObject) -> JsonObject:
     """The sandbox's own policy: no ingress, egress only to its allowlist (none: deny all)."""
-    spec: dict[str, Any] = {
+    spec: JsonObject = {
         "podSelector": {"matchLabels": {INSTANCE: settings.instance, SANDBOX: label_value(request.sandbox_id)}},
         "policyTypes": ["Ingress", "Egress"],
     }
@@ -281,7 +332,7 @@ def policy_manifest(request: LaunchRequest, settings: PodSettings, anchor: dict[
     }
 
 
-def deny_all_manifest(settings: PodSettings) -> dict[str, Any]:
+def deny_all_manifest(settings: PodSettings) -> JsonObject:
     """Every pod of the namespace: no ingress, no egress (policies add up, so a sandbox's
     own allowlist still applies to it)."""
     return {

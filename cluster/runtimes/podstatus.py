@@ -12,7 +12,9 @@ DeadlineExceeded → `deadline`, else the container's exit code. A pod is never 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
+
+from proctor.jsontypes import JsonObject
 
 from .base import ExitReason
 from .podspec import CONTAINER
@@ -36,18 +38,36 @@ class StartState:
     placed: bool = False  # on a node (its sandbox and container being made)
 
 
-def container_status(pod: dict[str, Any]) -> dict[str, Any]:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+def container_status(pod: JsonObject) -> JsonObject:
+    statuses: list[JsonObject] = (pod.get("status") or {}).get("containerStatuses") or []
+    for cs in statuses:
         if cs.get("name") == CONTAINER:
             return cs
     return {}
 
 
-def start_state(pod: dict[str, Any] | None) -> StartState:
+def init_failure(pod: JsonObject) -> str | None:
+    """Why an init container (the harness bundle's copy) failed or will not start; None if none did."""
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        state = cs.get("state") or {}
+        term, waiting = state.get("terminated"), state.get("waiting") or {}
+        if term and term.get("exitCode") != 0:
+            message = str(term.get("message") or "").strip()[:500]
+            return (f"init container {cs.get('name')!r} failed: {term.get('reason') or 'Error'} exit code "
+                    f"{term.get('exitCode')}" + (f": {message}" if message else ""))
+        if waiting.get("reason") in FATAL_WAITING:
+            return f"init container {cs.get('name')!r}: {waiting['reason']}: {waiting.get('message') or 'no message'}"
+    return None
+
+
+def start_state(pod: JsonObject | None) -> StartState:
     if pod is None:
         return StartState("gone", "the pod was deleted before it started")
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
+    failed_init = init_failure(pod)
+    if failed_init is not None:
+        return StartState("failed", failed_init)
     if phase in ("Succeeded", "Failed"):
         end = end_state(pod)
         return StartState("failed", end[2] if end and end[2] else f"the pod ended ({phase}) before it was attached")
@@ -69,7 +89,7 @@ def start_state(pod: dict[str, Any] | None) -> StartState:
     return StartState("pending", waiting.get("reason") or phase, placed=placed)
 
 
-def stuck_reason(events: list[dict[str, Any]]) -> str | None:
+def stuck_reason(events: list[JsonObject]) -> str | None:
     """Why a placed pod cannot start, from its events (core/v1 Events about it): the latest
     warning of a kind that does not pass by itself; None if there is none."""
     stuck = [e for e in events if e.get("type") == "Warning" and e.get("reason") in STUCK_EVENTS]
@@ -80,7 +100,7 @@ def stuck_reason(events: list[dict[str, Any]]) -> str | None:
     return f"{last['reason']}{times}: {str(last.get('message') or 'no message')[:500]}"
 
 
-def end_state(pod: dict[str, Any]) -> tuple[int | None, ExitReason, str] | None:
+def end_state(pod: JsonObject) -> tuple[int | None, ExitReason, str] | None:
     """(exit code, reason, detail) of a pod whose container has ended; None while it runs."""
     status = pod.get("status") or {}
     phase = status.get("phase")

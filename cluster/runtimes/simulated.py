@@ -17,16 +17,16 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
 
-from proctor.protocol import decode_in
+from proctor.protocol import ParsedEvent, decode_in
 
 from .base import ExitReason, LaunchRequest, Sandbox, SandboxExit, SandboxRuntime, SandboxStats
 
 
 class SimulatedSandbox(Sandbox):
     runtime = "simulated"
-    isolation = "none"  # type: ignore[assignment]
+    isolation = "none"  # type: ignore[assignment]  # a test double isolates nothing: no real runtime may say so
 
     def __init__(self, request: LaunchRequest):
         super().__init__(request)
@@ -37,12 +37,12 @@ class SimulatedSandbox(Sandbox):
         self._kill_now = asyncio.Event()
         self._seq = 0
 
-    def _line(self, **event: Any) -> bytes:
+    def _line(self, **event: object) -> bytes:
         event = {"v": 1, "seq": self._seq, **event}
         self._seq += 1
         return json.dumps(event).encode() + b"\n"
 
-    async def events(self) -> AsyncIterator[Any]:
+    async def events(self) -> AsyncIterator[ParsedEvent]:
         deadline = self.started + self.request.limits.timeout_s
         try:
             for ev in self.parser.feed(self._line(type="log", level="info", message="harness ready (simulated)")):
@@ -104,7 +104,7 @@ class SimulatedSandbox(Sandbox):
 
 class SimulatedRuntime(SandboxRuntime):
     name = "simulated"
-    isolation = "none"  # type: ignore[assignment]
+    isolation = "none"  # type: ignore[assignment]  # a test double isolates nothing: no real runtime may say so
 
     @classmethod
     def check(cls) -> None:
@@ -119,7 +119,7 @@ class SimulateRemoteRuntimes:
     cluster: `kubernetes` (pods, GPUs) and `simulated` become the simulated double;
     every local runtime stays real."""
 
-    def __call__(self, name: str, workdir: Any) -> SandboxRuntime:
+    def __call__(self, name: str, workdir: Path) -> SandboxRuntime:
         if name in ("kubernetes", "simulated"):
             return SimulatedRuntime()
         from . import select_runtime

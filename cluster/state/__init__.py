@@ -23,6 +23,7 @@ from .models import (
     Token,
     User,
 )
+from .reconnect import StateUnavailable
 from .store import StateStore
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Shard",
     "StateError",
     "StateStore",
+    "StateUnavailable",
     "Token",
     "User",
 ]

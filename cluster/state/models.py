@@ -28,6 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from proctor.statuses import STATUSES, TERMINAL, UNSUCCESSFUL
+
 
 class StateError(RuntimeError):
     """The state store refused an operation or could not reach its database.
@@ -56,25 +58,23 @@ class RetriesExhaustedError(ConflictError):
 
 ROLES = ("viewer", "researcher", "safety", "admin")
 
-_FINAL = ("succeeded", "failed", "cancelled", "safety_stopped")
-TERMINAL = frozenset(_FINAL)
-_ENDS = {"failed", "cancelled", "safety_stopped"}
+_FINAL = tuple(s for s in STATUSES if s in TERMINAL)
 
 # THE transition table: kind → from-status → the statuses it may move to. Terminal states
 # are final. `interrupted` exists only while recovering after a crash. A shard moving
 # scheduled/running → queued is a retry: its attempt grows by one, up to max_attempts.
 TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
     "evaluation": {
-        "queued": frozenset({"scheduled", "interrupted", *_ENDS}),
-        "scheduled": frozenset({"running", "interrupted", *_ENDS}),
-        "running": frozenset({"succeeded", "interrupted", *_ENDS}),
+        "queued": frozenset({"scheduled", "interrupted", *UNSUCCESSFUL}),
+        "scheduled": frozenset({"running", "interrupted", *UNSUCCESSFUL}),
+        "running": frozenset({"succeeded", "interrupted", *UNSUCCESSFUL}),
         "interrupted": frozenset({"queued", *TERMINAL}),
         **{s: frozenset() for s in _FINAL},
     },
     "shard": {
-        "queued": frozenset({"scheduled", *_ENDS}),
-        "scheduled": frozenset({"running", "queued", *_ENDS}),
-        "running": frozenset({"succeeded", "queued", *_ENDS}),
+        "queued": frozenset({"scheduled", *UNSUCCESSFUL}),
+        "scheduled": frozenset({"running", "queued", *UNSUCCESSFUL}),
+        "running": frozenset({"succeeded", "queued", *UNSUCCESSFUL}),
         **{s: frozenset() for s in _FINAL},
     },
 }
@@ -187,6 +187,7 @@ class EvaluationRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     version: Mapped[int] = mapped_column(Integer, default=1)
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(Json)
 
 
 class ShardRow(Base):
@@ -198,7 +199,7 @@ class ShardRow(Base):
     sample_ids: Mapped[list[str]] = mapped_column(Json)
     units: Mapped[int] = mapped_column(Integer)
     resources: Mapped[dict[str, Any]] = mapped_column(Json)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # retries so far: 0 on the first run (users see 1)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     sandbox_id: Mapped[str | None] = mapped_column(String(128))
     supervisor: Mapped[str | None] = mapped_column(String(128))
@@ -268,6 +269,7 @@ class Evaluation:
     finished_at: datetime | None
     updated_at: datetime
     version: int
+    trace_context: dict[str, str] | None = None  # {"traceparent": its span's}: see eval_actors/traces.py
 
     @property
     def terminal(self) -> bool:

@@ -9,6 +9,12 @@ Status changes are compare-and-set: one `UPDATE … WHERE status IN (allowed sou
 of two actors racing for the same change exactly one gets `True`. The allowed changes are
 `models.TRANSITIONS`, the one table. On SQLite every write transaction is `BEGIN
 IMMEDIATE` (writers queue on the busy timeout instead of failing mid-transaction).
+
+A store opened with `retry_s` rides out a database restart: its calls run again while the
+database is unreachable, for up to that long, and each write is idempotent across those
+runs (`reconnect`: a call's writes carry one stamp, and a write that finds its stamp in
+place was made by an earlier run of the same call). The engine pre-pings pooled
+connections, so one that a restart broke is replaced before it is used.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, Operat
 from sqlalchemy.pool import StaticPool
 
 from . import migrations
+from .reconnect import StateUnavailable, is_unreachable, retried, stamp
 from .models import (
     EVALUATION_STATUSES,
     ROLES,
@@ -73,7 +80,7 @@ LISTED_SPEC = (("sandbox", "gpu"), ("dataset", "path"))  # the parts of a spec t
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return stamp()
 
 
 def _fields(given: dict[str, Any], allowed: frozenset[str], where: str) -> dict[str, Any]:
@@ -157,11 +164,14 @@ class StateStore:
     """The durable state: evaluations, shards, incidents, users and tokens.
 
     Thread-safe (a connection pool); close it (or use `with`) when done. It pickles as
-    its URL, so it can be handed to a Ray actor, which reopens it without migrating.
+    its URL and `retry_s`, so it can be handed to a Ray actor, which reopens it without
+    migrating. `retry_s`: how long a call retries while the database is unreachable
+    before it raises `StateUnavailable` (0, the default: at once, as the API wants).
     """
 
-    def __init__(self, url: str, *, migrate: bool = True):
+    def __init__(self, url: str, *, migrate: bool = True, retry_s: float = 0.0):
         self._url = url
+        self.retry_s = retry_s
         self._engine = open_engine(url)
         self.dialect = self._engine.dialect.name
         self.safe_url = self._engine.url.render_as_string(hide_password=True)
@@ -173,7 +183,7 @@ class StateStore:
                 raise
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (self._url,))
+        return (_reopen, (self._url, self.retry_s))
 
     def close(self) -> None:
         self._engine.dispose()
@@ -189,6 +199,7 @@ class StateStore:
 
     # ------------------------------------------------------------ plumbing
 
+    @retried
     def _migrate(self) -> None:
         try:
             with self._tx(write=True) as conn:
@@ -201,23 +212,33 @@ class StateStore:
 
     @contextmanager
     def _tx(self, write: bool = False) -> Iterator[Connection]:
-        """One transaction; SQLAlchemy's errors leave as `StateError`."""
+        """One transaction; SQLAlchemy's errors leave as `StateError` (`StateUnavailable`
+        where the database is away)."""
+        committing = False
         try:
             with self._engine.connect() as conn:
                 conn.execution_options(proctor_write=write)
                 with conn.begin():
                     yield conn
+                    committing = True
         except IntegrityError as exc:
             raise ConflictError(f"state store {self.safe_url}: the change conflicts with stored data: "
                                 f"{exc.orig}") from exc
         except (OperationalError, InterfaceError) as exc:
+            if is_unreachable(exc):
+                raise StateUnavailable(f"state store {self.safe_url} is unreachable: {exc.orig}; retry in a "
+                                       "moment", ambiguous=committing and write) from exc
             raise StateError(f"state store {self.safe_url}: {exc.orig}; check that the database is "
                              "reachable and writable") from exc
         except SQLAlchemyError as exc:
             raise StateError(f"state store {self.safe_url}: {getattr(exc, 'orig', None) or exc}") from exc
 
     def _transition(self, kind: str, table: Any, key: list[Any], what: str, to: str,
-                    expect: str | Iterable[str] | None, values: dict[str, Any], guard: list[Any]) -> bool:
+                    expect: str | Iterable[str] | None, values: dict[str, Any], guard: list[Any],
+                    also: Any = None) -> bool:
+        """The compare-and-set; `also(conn)` runs in its transaction if it made the change. A
+        row at `to` that carries this call's stamp was changed by an earlier run of the call
+        (its commit's answer was lost): True, and `also` is not run twice."""
         if to not in TRANSITIONS[kind]:
             raise StateError(f"{what}: {to!r} is not a {kind} status; known: {', '.join(TRANSITIONS[kind])}")
         if expect is None:
@@ -229,10 +250,14 @@ class StateStore:
         with self._tx(write=True) as conn:
             stmt = update(table).where(*key, table.c.status.in_(sorted(sources)), *guard)
             if conn.execute(stmt.values(status=to, **values)).rowcount:
+                if also is not None:
+                    also(conn)
                 return True
             row = conn.execute(select(table).where(*key)).first()
         if row is None:
             raise NotFoundError(f"{what} does not exist")
+        if row.status == to and row.updated_at == values["updated_at"]:
+            return True  # made by an earlier run of this call
         if guard and row.status in sources:
             raise RetriesExhaustedError(f"{what} has used {row.attempt + 1} of its {row.max_attempts} "
                                         "attempts; move it to failed instead of queued")
@@ -242,9 +267,11 @@ class StateStore:
 
     # ------------------------------------------------------------ evaluations
 
+    @retried
     def create_evaluation(self, id: str, *, owner: str, name: str, spec: dict[str, Any], model: str,
                           runtime: str, shards: list[NewShard], priority: int = 0,
-                          labels: dict[str, str] | None = None) -> Evaluation:
+                          labels: dict[str, str] | None = None,
+                          trace_context: dict[str, str] | None = None) -> Evaluation:
         """Store a `queued` evaluation and its `queued` shards in one transaction.
 
         Raises `ConflictError` if the id exists, `StateError` for a bad id, shard list or
@@ -262,9 +289,12 @@ class StateStore:
         row = dict(id=id, owner=owner, name=name, status="queued", priority=priority, labels=dict(labels or {}),
                    spec=spec, model=model, runtime=runtime, total_shards=len(shards),
                    total_units=sum(s.units for s in shards), done_units=0, created_at=now, updated_at=now,
-                   version=1)
+                   version=1, trace_context=trace_context)
         with self._tx(write=True) as conn:
-            if conn.execute(select(E.c.id).where(E.c.id == id)).first():
+            stored = conn.execute(select(E).where(E.c.id == id)).first()
+            if stored is not None and stored.created_at == now and stored.owner == owner:
+                return Evaluation.from_row(stored)  # stored by an earlier run of this call
+            if stored is not None:
                 raise ConflictError(f"evaluation {id} already exists; submit it under a new id")
             conn.execute(insert(E), [row])
             if shards:
@@ -274,11 +304,13 @@ class StateStore:
                          created_at=now, updated_at=now) for s in shards])
             return Evaluation.from_row(conn.execute(select(E).where(E.c.id == id)).one())
 
+    @retried
     def get_evaluation(self, id: str) -> Evaluation | None:
         with self._tx() as conn:
             row = conn.execute(select(E).where(E.c.id == id)).first()
         return Evaluation.from_row(row) if row else None
 
+    @retried
     def list_evaluations(self, *, status: str | Iterable[str] | None = None, owner: str | None = None,
                          label: tuple[str, str] | None = None, text: str | None = None, model: str | None = None,
                          sort: str = "-created_at", limit: int = 50,
@@ -322,6 +354,7 @@ class StateStore:
         items = [Evaluation.from_row(r, spec=_listed_spec(r)) for r in rows[:limit]]
         return items, (_encode_cursor(items[-1], sort) if len(rows) > limit else None)
 
+    @retried
     def transition_evaluation(self, id: str, to: str, *, expect: str | Iterable[str] | None = None,
                               **fields: Any) -> bool:
         """Move an evaluation to `to`; True if this call made the change.
@@ -346,6 +379,7 @@ class StateStore:
             values.setdefault("wait_reason", None)
         return self._transition("evaluation", E, [E.c.id == id], f"evaluation {id}", to, expect, values, [])
 
+    @retried
     def update_evaluation(self, id: str, *, expected_version: int | None = None, **fields: Any) -> bool:
         """Change fields without a status change, in one UPDATE (it bumps `version`).
 
@@ -353,25 +387,33 @@ class StateStore:
         `expected_version`, False when another writer changed it since. `NotFoundError` for an
         unknown id."""
         values = _fields(fields, EVAL_UPDATE_FIELDS, "update_evaluation")
-        stmt = update(E).where(E.c.id == id).values(**values, updated_at=_now(), version=E.c.version + 1)
+        now = _now()
+        stmt = update(E).where(E.c.id == id).values(**values, updated_at=now, version=E.c.version + 1)
         if expected_version is not None:
-            stmt = stmt.where(E.c.version == expected_version)
+            stmt = stmt.where(E.c.version == expected_version, E.c.updated_at != now)
         with self._tx(write=True) as conn:
             if conn.execute(stmt).rowcount:
                 return True
-            exists = conn.execute(select(E.c.id).where(E.c.id == id)).first()
-        if not exists:
+            row = conn.execute(select(E.c.updated_at).where(E.c.id == id)).first()
+        if not row:
             raise NotFoundError(f"evaluation {id} does not exist")
-        return False
+        return row.updated_at == now  # True: made by an earlier run of this call
 
+    @retried
     def add_done_units(self, id: str, units: int) -> None:
-        """Add to done_units atomically (several supervisors report one evaluation)."""
+        """Add to done_units atomically (several supervisors report one evaluation). Run
+        again after a lost commit it adds nothing (the evaluation carries the call's stamp);
+        `transition_shard(done_units=)` is exact even when another write came in between."""
         with self._tx(write=True) as conn:
-            stmt = update(E).where(E.c.id == id)
-            if not conn.execute(stmt.values(done_units=E.c.done_units + units, updated_at=_now(),
-                                            version=E.c.version + 1)).rowcount:
+            if not conn.execute(select(E.c.id).where(E.c.id == id)).first():
                 raise NotFoundError(f"evaluation {id} does not exist")
+            self._add_units(conn, id, units, once=[E.c.updated_at != _now()])
 
+    def _add_units(self, conn: Connection, id: str, units: int, once: list[Any]) -> None:
+        conn.execute(update(E).where(E.c.id == id, *once).values(
+            done_units=E.c.done_units + units, updated_at=_now(), version=E.c.version + 1))
+
+    @retried
     def active_evaluations(self) -> list[Evaluation]:
         """Evaluations not in a terminal status, oldest first: what recovery reconciles."""
         with self._tx() as conn:
@@ -379,6 +421,7 @@ class StateStore:
                                 .order_by(E.c.created_at, E.c.id)).all()
         return [Evaluation.from_row(r) for r in rows]
 
+    @retried
     def counts_by_status(self, kind: str = "evaluation") -> dict[str, int]:
         """{status: count} for every status of `kind` ("evaluation" or "shard"), zeros included."""
         if kind not in ("evaluation", "shard"):
@@ -390,11 +433,19 @@ class StateStore:
 
     # ------------------------------------------------------------ shards
 
+    @retried
     def shards(self, eval_id: str) -> list[Shard]:
         with self._tx() as conn:
             rows = conn.execute(select(S).where(S.c.eval_id == eval_id).order_by(S.c.shard_id)).all()
         return [Shard.from_row(r) for r in rows]
 
+    def shard(self, eval_id: str, shard_id: str) -> Shard | None:
+        """One shard by its id (its primary key: one row read), or None."""
+        with self._tx() as conn:
+            row = conn.execute(select(S).where(S.c.eval_id == eval_id, S.c.shard_id == shard_id)).first()
+        return None if row is None else Shard.from_row(row)
+
+    @retried
     def shards_by_status(self, statuses: str | Iterable[str]) -> list[Shard]:
         """Shards of every evaluation in these statuses, oldest first."""
         wanted = [statuses] if isinstance(statuses, str) else list(statuses)
@@ -403,10 +454,12 @@ class StateStore:
                                 .order_by(S.c.created_at, S.c.eval_id, S.c.shard_id)).all()
         return [Shard.from_row(r) for r in rows]
 
+    @retried
     def transition_shard(self, eval_id: str, shard_id: str, to: str, *,
-                         expect: str | Iterable[str] | None = None, **fields: Any) -> bool:
+                         expect: str | Iterable[str] | None = None, done_units: int = 0, **fields: Any) -> bool:
         """Move a shard to `to`; True if this call made the change (rules as
         `transition_evaluation`). Fields: sandbox_id, supervisor, placement, error.
+        `done_units`: added to the evaluation's in the same transaction, if the change is made.
 
         running sets started_at, a terminal status finished_at. `to="queued"` from
         scheduled/running is a retry: attempt grows by one and started_at, sandbox_id,
@@ -425,8 +478,10 @@ class StateStore:
             values["attempt"] = S.c.attempt + 1
             guard = [S.c.attempt + 1 < S.c.max_attempts]
         key = [S.c.eval_id == eval_id, S.c.shard_id == shard_id]
-        return self._transition("shard", S, key, f"shard {eval_id}/{shard_id}", to, expect, values, guard)
+        also = (lambda conn: self._add_units(conn, eval_id, done_units, once=[])) if done_units else None
+        return self._transition("shard", S, key, f"shard {eval_id}/{shard_id}", to, expect, values, guard, also)
 
+    @retried
     def update_shard(self, eval_id: str, shard_id: str, **fields: Any) -> None:
         """Change sandbox_id, supervisor, placement or error without a status change."""
         values = _fields(fields, SHARD_FIELDS, "update_shard")
@@ -437,6 +492,7 @@ class StateStore:
 
     # ------------------------------------------------------------ incidents
 
+    @retried
     def add_incident(self, eval_id: str, *, rule: str, severity: str, action: str,
                      evidence: dict[str, Any], shard_id: str | None = None) -> Incident:
         _jsonable(f"incident of evaluation {eval_id}: evidence", evidence)
@@ -445,9 +501,12 @@ class StateStore:
         with self._tx(write=True) as conn:
             if not conn.execute(select(E.c.id).where(E.c.id == eval_id)).first():
                 raise NotFoundError(f"evaluation {eval_id} does not exist; an incident needs its evaluation")
-            new_id = conn.execute(insert(I).values(**row)).inserted_primary_key[0]
+            earlier = conn.execute(select(I.c.id).where(  # stored by an earlier run of this call
+                I.c.eval_id == eval_id, I.c.rule == rule, I.c.created_at == row["created_at"])).first()
+            new_id = earlier.id if earlier else conn.execute(insert(I).values(**row)).inserted_primary_key[0]
         return Incident(id=new_id, **row)
 
+    @retried
     def incidents(self, eval_id: str | None = None, limit: int = 100, owner: str | None = None) -> list[Incident]:
         """Incidents, newest first, of one evaluation or of all (of `owner`'s evaluations only,
         if given)."""
@@ -461,21 +520,27 @@ class StateStore:
 
     # ------------------------------------------------------------ users and tokens
 
+    @retried
     def create_user(self, name: str, role: str) -> User:
         """Raises `StateError` for an unknown role, `ConflictError` if the name is taken."""
         if role not in ROLES:
             raise StateError(f"user {name}: role {role!r} is not known; known: {', '.join(ROLES)}")
         with self._tx(write=True) as conn:
-            if conn.execute(select(U.c.id).where(U.c.name == name)).first():
+            stored = conn.execute(select(U).where(U.c.name == name)).first()
+            if stored is not None and stored.created_at == _now() and stored.role == role:
+                return User.from_row(stored)  # stored by an earlier run of this call
+            if stored is not None:
                 raise ConflictError(f"user {name!r} already exists; choose another name")
             conn.execute(insert(U).values(name=name, role=role, created_at=_now()))
             return User.from_row(conn.execute(select(U).where(U.c.name == name)).one())
 
+    @retried
     def get_user(self, name: str) -> User | None:
         with self._tx() as conn:
             row = conn.execute(select(U).where(U.c.name == name)).first()
         return User.from_row(row) if row else None
 
+    @retried
     def list_users(self) -> list[User]:
         with self._tx() as conn:
             return [User.from_row(r) for r in conn.execute(select(U).order_by(U.c.name)).all()]
@@ -488,26 +553,35 @@ class StateStore:
         if expires_at is not None and expires_at <= _now():
             raise StateError(f"token {name!r}: expires_at {expires_at.isoformat()} is in the past")
         secret = "pk_" + secrets.token_urlsafe(24)
+        return secret, self._store_token(user_name, name, secret, expires_at)
+
+    @retried
+    def _store_token(self, user_name: str, name: str, secret: str, expires_at: datetime | None) -> Token:
         with self._tx(write=True) as conn:
             user = conn.execute(select(U).where(U.c.name == user_name)).first()
             if user is None:
                 raise NotFoundError(f"user {user_name!r} does not exist; create it first")
-            token_id = conn.execute(insert(T).values(
-                user_id=user.id, name=name, hash=_hash(secret), prefix=secret[:8], created_at=_now(),
-                expires_at=expires_at)).inserted_primary_key[0]
-            row = conn.execute(select(T).where(T.c.id == token_id)).one()
-        return secret, Token.from_row(row, user_name)
+            row = conn.execute(select(T).where(T.c.hash == _hash(secret))).first()  # an earlier run's
+            if row is None:
+                token_id = conn.execute(insert(T).values(
+                    user_id=user.id, name=name, hash=_hash(secret), prefix=secret[:8], created_at=_now(),
+                    expires_at=expires_at)).inserted_primary_key[0]
+                row = conn.execute(select(T).where(T.c.id == token_id)).one()
+        return Token.from_row(row, user_name)
 
+    @retried
     def verify_token(self, secret: str) -> tuple[User, Token] | None:
         """The user and token of a secret, or None if unknown, revoked or expired."""
         if not secret.startswith("pk_") or len(secret) > 256:
             return None
         now = _now()
-        with self._tx() as conn:
-            row = conn.execute(select(T).where(T.c.hash == _hash(secret))).first()
-            user = conn.execute(select(U).where(U.c.id == row.user_id)).one() if row else None
-        if row is None or user is None:
+        with self._tx() as conn:  # one query: the API runs this on every request
+            row = conn.execute(select(T, U.c.name.label("user_name"), U.c.role.label("user_role"),
+                                      U.c.created_at.label("user_created_at"))
+                               .join(U, U.c.id == T.c.user_id).where(T.c.hash == _hash(secret))).first()
+        if row is None:
             return None
+        user = User(id=row.user_id, name=row.user_name, role=row.user_role, created_at=row.user_created_at)
         token = Token.from_row(row, user.name)
         if not token.active(now):
             return None
@@ -516,18 +590,21 @@ class StateStore:
                 conn.execute(update(T).where(T.c.id == token.id, or_(
                     T.c.last_used_at.is_(None), T.c.last_used_at < now - TOKEN_TOUCH)).values(last_used_at=now))
             token = replace(token, last_used_at=now)
-        return User.from_row(user), token
+        return user, token
 
+    @retried
     def revoke_token(self, token_id: int) -> bool:
         """Revoke a token; False if it was already revoked. `NotFoundError` if unknown."""
         with self._tx(write=True) as conn:
             stmt = update(T).where(T.c.id == token_id, T.c.revoked_at.is_(None)).values(revoked_at=_now())
             if conn.execute(stmt).rowcount:
                 return True
-            if not conn.execute(select(T.c.id).where(T.c.id == token_id)).first():
+            row = conn.execute(select(T.c.revoked_at).where(T.c.id == token_id)).first()
+            if not row:
                 raise NotFoundError(f"token {token_id} does not exist")
-        return False
+        return row.revoked_at == _now()  # True: revoked by an earlier run of this call
 
+    @retried
     def list_tokens(self, user_name: str | None = None) -> list[Token]:
         q = select(T, U.c.name.label("user_name")).join(U, U.c.id == T.c.user_id).order_by(T.c.id)
         if user_name is not None:
@@ -549,8 +626,8 @@ def _listed_spec(row: Any) -> dict[str, Any]:
     return spec
 
 
-def _reopen(url: str) -> StateStore:
-    return StateStore(url, migrate=False)
+def _reopen(url: str, retry_s: float = 0.0) -> StateStore:
+    return StateStore(url, migrate=False, retry_s=retry_s)
 
 
 def _hash(secret: str) -> str:

@@ -27,8 +27,9 @@ from typing import Any, Callable, Protocol
 
 from proctor.harness.channel import Channel, clip
 from proctor.harness.scorers import LETTERS, choice_letter, parse_number, targets
+from proctor.jsontypes import JsonObject
 from proctor.protocol import ShardSample, Usage
-from proctor.spec import OpenAIModel, PythonModel, ReferenceModel
+from proctor.spec import ModelSpec, OpenAIModel, PythonModel, ReferenceModel
 
 MAX_MESSAGES = 1000
 
@@ -48,12 +49,13 @@ class Reply:
     text: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    via_gateway: bool = False  # answered by the model gateway, which records the turn outside
 
 
 class ModelAdapter(Protocol):
     def begin_sample(self, sample: ShardSample, epoch: int, workdir: Path) -> None: ...
 
-    def generate(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Reply: ...
+    def generate(self, messages: list[JsonObject], tools: list[JsonObject] | None) -> Reply: ...
 
 
 class ModelError(RuntimeError):
@@ -61,11 +63,11 @@ class ModelError(RuntimeError):
     Caught by the run loop as the sample's error."""
 
 
-def word_count(messages: list[dict[str, Any]]) -> int:
+def word_count(messages: list[JsonObject]) -> int:
     return sum(len(str(m.get("content") or "").split()) for m in messages)
 
 
-def parse_tool_calls(raw: Any) -> list[ToolCall]:
+def parse_tool_calls(raw: object) -> list[ToolCall]:
     """Tool calls in OpenAI's format (`{"id", "type": "function", "function": {"name":
     "bash", "arguments": "{\\"command\\": ...}"}}`) or the short `{"id", "command"}`."""
     if not raw:
@@ -83,7 +85,9 @@ def parse_tool_calls(raw: Any) -> list[ToolCall]:
             calls.append(ToolCall(call_id, command, None) if isinstance(command, str)
                          else ToolCall(call_id, None, "'command' must be a string"))
             continue
-        function = item.get("function") if isinstance(item.get("function"), dict) else {}
+        function = item.get("function")
+        if not isinstance(function, dict):
+            function = {}
         name = function.get("name")
         if name != "bash":
             calls.append(ToolCall(call_id, None, f"unknown tool {str(name)[:100]!r}; the only tool is 'bash'"))
@@ -162,7 +166,7 @@ class ReferenceAdapter:
             return wrong_answer(sample)
         return correct_answer(sample)
 
-    def generate(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Reply:
+    def generate(self, messages: list[JsonObject], tools: list[JsonObject] | None) -> Reply:
         if self._sample is None:
             raise ModelError("the reference model needs begin_sample() before generate()")
         text = self.answer(self._sample, self._epoch)
@@ -184,7 +188,7 @@ class PythonAdapter:
 
     def __init__(self, spec: PythonModel, workspace: Path):
         self._spec = spec
-        self._view: dict[str, Any] = {}
+        self._view: JsonObject = {}
         self._workdir: Path = workspace
         self._sample_path: str | None = None
         root = str(workspace)
@@ -200,17 +204,17 @@ class PythonAdapter:
         sys.path.insert(0, self._sample_path)
         importlib.invalidate_caches()
 
-    def _function(self) -> Callable[..., Any]:
+    def _function(self) -> Callable[..., Any]:  # the spec's own callable: its signature is the user's
         module_name, _, name = self._spec.callable.partition(":")
         try:
-            function = getattr(importlib.import_module(module_name), name)
+            function: object = getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError) as exc:
             raise ModelError(f"cannot load {self._spec.callable}: {exc}") from exc
         if not callable(function):
             raise ModelError(f"{self._spec.callable} is not callable")
         return function
 
-    def generate(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Reply:
+    def generate(self, messages: list[JsonObject], tools: list[JsonObject] | None) -> Reply:
         result = self._function()(
             copy.deepcopy(messages), sample=copy.deepcopy(self._view), workdir=str(self._workdir), **self._spec.params
         )
@@ -229,7 +233,7 @@ class PythonAdapter:
 # ---------------------------------------------------------------- openai
 
 
-def fit_messages(messages: list[dict[str, Any]], limit: int = MAX_MESSAGES) -> list[dict[str, Any]]:
+def fit_messages(messages: list[JsonObject], limit: int = MAX_MESSAGES) -> list[JsonObject]:
     """At most `limit` messages: the opening ones (before the first assistant turn) and
     the most recent, never starting the recent part with an orphaned tool result."""
     if len(messages) <= limit:
@@ -256,7 +260,7 @@ class OpenAIAdapter:
     def begin_sample(self, sample: ShardSample, epoch: int, workdir: Path) -> None:
         pass
 
-    def generate(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Reply:
+    def generate(self, messages: list[JsonObject], tools: list[JsonObject] | None) -> Reply:
         result = self._channel.request(
             f"{self._prefix}-{next(self._count)}",
             messages=[{**m, "content": clip(str(m.get("content") or ""))} for m in fit_messages(messages)],
@@ -267,10 +271,10 @@ class OpenAIAdapter:
         if result.error:
             raise ModelError(f"model call failed: {result.error}")
         usage = result.usage if result.usage.calls else result.usage.model_copy(update={"calls": 1})
-        return Reply(result.output, parse_tool_calls(result.tool_calls), usage)
+        return Reply(result.output, parse_tool_calls(result.tool_calls), usage, via_gateway=True)
 
 
-def make_adapter(spec: Any, channel: Channel, workspace: Path) -> ModelAdapter:
+def make_adapter(spec: ModelSpec, channel: Channel, workspace: Path) -> ModelAdapter:
     """The adapter for a validated `ModelSpec`."""
     if isinstance(spec, ReferenceModel):
         return ReferenceAdapter(spec)

@@ -5,6 +5,10 @@ write), keeps every event inside the protocol's limits (`fit_line`), hands each
 `generate_result` to the thread waiting for it, and turns `cancel` into a flag that the
 run loop checks between steps. `done` is written once; whatever comes after is dropped.
 
+Each line goes out whole, in as many `write`s as the pipe takes (`_write_all`): in gVisor a
+large write to the channel can be taken only in part, and Python's buffered writer then
+lost the rest (a 200 KB sample event arrived cut at 64 KiB).
+
 A cancel must end the harness within about a second. The run loop notices the flag
 within 50 ms wherever it waits (a model call, a shell command); if it is stuck in code
 that never looks (a Python policy busy in a loop), a watchdog writes `done` itself after
@@ -13,7 +17,11 @@ that never looks (a Python policy busy in a loop), a watchdog writes `done` itse
 
 from __future__ import annotations
 
+import io
+import os
+import select
 import threading
+import time
 from typing import Any, BinaryIO, Callable
 
 from pydantic import BaseModel
@@ -41,6 +49,13 @@ class ChannelClosed(RuntimeError):
     loop as that sample's error."""
 
 
+def _fileno(out: BinaryIO) -> int | None:
+    try:
+        return out.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
 def clip(text: str, limit: int = TEXT_LIMIT) -> str:
     """`text` cut to at most `limit` characters, keeping its head and tail."""
     if len(text) <= limit:
@@ -54,7 +69,7 @@ def clip(text: str, limit: int = TEXT_LIMIT) -> str:
     return text[:head] + marker + text[len(text) - (keep - head):]
 
 
-def _cap_strings(data: Any, limit: int) -> Any:
+def _cap_strings(data: object, limit: int) -> object:
     if isinstance(data, str):
         return clip(data, limit)
     if isinstance(data, dict):
@@ -64,7 +79,7 @@ def _cap_strings(data: Any, limit: int) -> Any:
     return data
 
 
-def _longest_string(data: Any) -> int:
+def _longest_string(data: object) -> int:
     if isinstance(data, str):
         return len(data)
     if isinstance(data, dict):
@@ -80,7 +95,7 @@ def fit_line(event: BaseModel, max_bytes: int = MAX_LINE_BYTES) -> bytes:
     line = encode(event)
     if len(line) <= max_bytes:
         return line
-    data = event.model_dump()
+    data: object = event.model_dump()
     limit = _longest_string(data)
     while len(line) > max_bytes and limit > 64:
         limit //= 2
@@ -106,6 +121,7 @@ class Channel:
         hard_exit: Callable[[int], None] | None = None,
     ):
         self._out = out
+        self._fd = _fileno(out)
         self._lock = threading.Lock()
         self._seq = first_seq
         self._done = False
@@ -116,21 +132,37 @@ class Channel:
         self._hard_exit = hard_exit
         self.cancelled = threading.Event()
         self.cancel_reason = "cancelled"
+        self._watchdog_lock = threading.Lock()
+        self._watchdog_armed = False
 
     # ------------------------------------------------------------ out
 
-    def emit(self, event_type: type[BaseModel], **fields: Any) -> bool:
+    def emit(self, event_type: type[BaseModel], **fields: Any) -> bool:  # fields: of `event_type`, which checks them
         """Write one event with the next seq. False (and nothing written) after `done`."""
         with self._lock:
             if self._done:
                 return False
             event = event_type(seq=self._seq, **fields)
-            self._out.write(fit_line(event))
-            self._out.flush()
+            self._write_all(fit_line(event))
             self._seq += 1
             if event_type is DoneEvent:
                 self._done = True
             return True
+
+    def _write_all(self, data: bytes) -> None:
+        """Write all of `data`: the stream's own buffer first (keeping the order), then the
+        line straight to its file descriptor, however many writes that takes."""
+        self._out.flush()
+        if self._fd is None:
+            self._out.write(data)
+            self._out.flush()
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except BlockingIOError:
+                select.select([], [self._fd], [], 1.0)
 
     def log(self, level: str, message: str) -> None:
         self.emit(LogEvent, level=level, message=clip(message))
@@ -150,7 +182,7 @@ class Channel:
 
     # ------------------------------------------------------------ model calls
 
-    def request(self, call_id: str, **fields: Any) -> GenerateResult:
+    def request(self, call_id: str, **fields: Any) -> GenerateResult:  # fields: of a GenerateEvent
         """Emit a `generate` event and block until its `generate_result` arrives.
 
         Raises `Cancelled` on cancel and `ChannelClosed` if stdin ends first.
@@ -175,7 +207,11 @@ class Channel:
     # ------------------------------------------------------------ in
 
     def start_reader(self, stream: BinaryIO) -> threading.Thread:
-        """Read the messages after `shard` from `stream` on a daemon thread."""
+        """Read the messages after `shard` from `stream` on a daemon thread, and arm the
+        cancel watchdog on another. Both start now, before anything of the shard runs: a
+        sandbox whose processes later take every slot of its pids limit cannot keep the
+        harness from its threads."""
+        self._arm_watchdog()
         thread = threading.Thread(target=self._read, args=(stream,), name="proctor-stdin", daemon=True)
         thread.start()
         return thread
@@ -216,10 +252,19 @@ class Channel:
         self.cancel_reason = reason or "cancelled"
         self.cancelled.set()
         self._wake_all()
+        self._arm_watchdog()
+
+    def _arm_watchdog(self) -> None:
+        """Start the thread that ends the shard `grace_s` after a cancel (once)."""
+        with self._watchdog_lock:
+            if self._watchdog_armed:
+                return
+            self._watchdog_armed = True
         threading.Thread(target=self._watchdog, name="proctor-cancel-watchdog", daemon=True).start()
 
     def _watchdog(self) -> None:
-        threading.Event().wait(self._grace_s)
+        self.cancelled.wait()
+        time.sleep(self._grace_s)
         if self.done("cancelled", error=self.cancel_reason) and self._hard_exit is not None:
             self._hard_exit(0)
 

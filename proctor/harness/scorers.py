@@ -17,9 +17,10 @@ import math
 import os
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Mapping, Protocol
 
 from proctor.harness.channel import clip
 from proctor.harness.tools import run_command
@@ -31,6 +32,7 @@ from proctor.spec import (
     IncludesScorer,
     NumericScorer,
     RegexScorer,
+    ScorerSpec,
 )
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -51,7 +53,18 @@ class Scorer(Protocol):
     def score(self, output: str, sample: ShardSample, workdir: Path) -> Score: ...
 
 
-def targets(sample: ShardSample) -> list[str]:
+class SampleTargets(Protocol):
+    """What a scorer of the output reads of a sample: a `ShardSample` in the sandbox, the
+    dataset's own `proctor.spec.Sample` outside it (`score_outside`)."""
+
+    @property
+    def target(self) -> str | list[str]: ...
+
+    @property
+    def choices(self) -> list[str] | None: ...
+
+
+def targets(sample: SampleTargets) -> list[str]:
     return [sample.target] if isinstance(sample.target, str) else list(sample.target)
 
 
@@ -86,7 +99,7 @@ def choice_letter(target: str, choices: list[str] | None) -> str | None:
 def extract_letter(output: str, choices: list[str] | None) -> str | None:
     """The choice letter an answer gives: 'B', '(B)', 'Answer: B', 'the answer is (b)'."""
     valid = LETTERS[: len(choices)] if choices else LETTERS
-    found = re.findall(r"(?i)\banswer\b\W{0,3}(?:is\W{0,3})?\(?([A-Z])\)?(?![A-Za-z])", output)
+    found: list[str] = re.findall(r"(?i)\banswer\b\W{0,3}(?:is\W{0,3})?\(?([A-Z])\)?(?![A-Za-z])", output)
     found = [f.upper() for f in found if f.upper() in valid]
     if found:
         return found[-1]
@@ -109,7 +122,7 @@ class ExactMatch:
         text = text.strip() if self._spec.strip else text
         return text.casefold() if self._spec.ignore_case else text
 
-    def score(self, output: str, sample: ShardSample, workdir: Path) -> Score:
+    def score(self, output: str, sample: SampleTargets, workdir: Path) -> Score:
         answer = self._norm(output)
         hit = any(answer == self._norm(t) for t in targets(sample))
         return Score(float(hit), clip(output))
@@ -120,7 +133,7 @@ class Includes:
         self.name = spec.name or spec.type
         self._fold = str.casefold if spec.ignore_case else str
 
-    def score(self, output: str, sample: ShardSample, workdir: Path) -> Score:
+    def score(self, output: str, sample: SampleTargets, workdir: Path) -> Score:
         hit = any(self._fold(t) in self._fold(output) for t in targets(sample))
         return Score(float(hit), clip(output))
 
@@ -130,7 +143,7 @@ class RegexMatch:
         self.name = spec.name or spec.type
         self._pattern = spec.pattern
 
-    def score(self, output: str, sample: ShardSample, workdir: Path) -> Score:
+    def score(self, output: str, sample: SampleTargets, workdir: Path) -> Score:
         patterns = (
             [self._pattern.replace("{target}", re.escape(t)) for t in targets(sample)]
             if "{target}" in self._pattern
@@ -148,7 +161,7 @@ class NumericMatch:
         self.name = spec.name or spec.type
         self._spec = spec
 
-    def score(self, output: str, sample: ShardSample, workdir: Path) -> Score:
+    def score(self, output: str, sample: SampleTargets, workdir: Path) -> Score:
         wanted = []
         for t in targets(sample):
             value = parse_number(t)
@@ -169,7 +182,7 @@ class ChoiceMatch:
     def __init__(self, spec: ChoiceScorer):
         self.name = spec.name or spec.type
 
-    def score(self, output: str, sample: ShardSample, workdir: Path) -> Score:
+    def score(self, output: str, sample: SampleTargets, workdir: Path) -> Score:
         wanted = set()
         for t in targets(sample):
             letter = choice_letter(t, sample.choices)
@@ -189,13 +202,15 @@ class CommandCheck:
     `PROCTOR_TARGET` (the first target) in its environment.
     """
 
-    def __init__(self, spec: CommandScorer, cancelled: threading.Event | None = None):
+    def __init__(self, spec: CommandScorer, cancelled: threading.Event | None = None,
+                 env: Mapping[str, str] | None = None):
         self.name = spec.name or spec.type
         self._spec = spec
         self._cancelled = cancelled
+        self._env = env
 
     def score(self, output: str, sample: ShardSample, workdir: Path) -> Score:
-        env = dict(os.environ)
+        env = dict(os.environ if self._env is None else self._env)
         env.update(
             PROCTOR_SAMPLE_ID=sample.id,
             PROCTOR_TARGET=clip((targets(sample) or [""])[0], _TARGET_ENV_CAP),
@@ -216,16 +231,31 @@ class CommandCheck:
         return Score(value, result.output.strip()[:200], clip(result.stderr.strip(), 4000) or None)
 
 
-def build_scorer(spec: Any, cancelled: threading.Event | None = None) -> Scorer:
-    """A scorer for a validated `ScorerSpec`. `cancelled` lets a cancel kill a command scorer."""
+def build_scorer(spec: ScorerSpec, cancelled: threading.Event | None = None,
+                 env: Mapping[str, str] | None = None) -> Scorer:
+    """A scorer for a validated `ScorerSpec`. `cancelled` lets a cancel kill a command
+    scorer; `env` is its environment (the agent's, plus the sample's id and target)."""
     if isinstance(spec, CommandScorer):
-        return CommandCheck(spec, cancelled)
-    kinds = {ExactScorer: ExactMatch, IncludesScorer: Includes, RegexScorer: RegexMatch,
-             NumericScorer: NumericMatch, ChoiceScorer: ChoiceMatch}
-    return kinds[type(spec)](spec)
+        return CommandCheck(spec, cancelled, env)
+    return _output_scorer(spec)
 
 
-def score_outside(specs: list[Any], output: str, sample: Any) -> dict[str, float]:
+def _output_scorer(spec: ExactScorer | IncludesScorer | RegexScorer | NumericScorer | ChoiceScorer
+                   ) -> ExactMatch | Includes | RegexMatch | NumericMatch | ChoiceMatch:
+    match spec:
+        case ExactScorer():
+            return ExactMatch(spec)
+        case IncludesScorer():
+            return Includes(spec)
+        case RegexScorer():
+            return RegexMatch(spec)
+        case NumericScorer():
+            return NumericMatch(spec)
+        case ChoiceScorer():
+            return ChoiceMatch(spec)
+
+
+def score_outside(specs: Sequence[ScorerSpec], output: str, sample: SampleTargets) -> dict[str, float]:
     """The scores that depend only on the output and the target, recomputed outside the
     sandbox from the trusted dataset sample (a `proctor.spec.Sample`), so that a sandbox
     cannot forge them. Command scorers need the workspace and are left out, as is a
@@ -234,7 +264,7 @@ def score_outside(specs: list[Any], output: str, sample: Any) -> dict[str, float
     for spec in specs:
         if isinstance(spec, CommandScorer):
             continue
-        scorer = build_scorer(spec)
+        scorer = _output_scorer(spec)
         try:
             scores[scorer.name] = scorer.score(output, sample, Path("."))
         except ValueError:

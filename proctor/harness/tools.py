@@ -5,26 +5,36 @@ Every command runs as `/bin/sh -c COMMAND` in the sample's directory, in a new s
 a pipe (never the harness's own stdin, which is the protocol channel), and with its
 output capped: the rest is read and thrown away so the command never blocks on a full
 pipe.
+
+The runner needs no thread or process of the harness's own: it feeds and reads the
+command's pipes from the calling thread. A sandbox whose processes have taken every slot
+of its pids limit (a loop of background commands) cannot keep the harness from working:
+the next command fails to start, and the model reads why.
 """
 
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, TYPE_CHECKING, Any, Mapping
 
 from proctor.harness.channel import Cancelled
+from proctor.jsontypes import JsonObject
+
+if TYPE_CHECKING:
+    from proctor.harness.identity import UserArgs
 
 OUTPUT_CAP = 64 * 1024
 _POLL_S = 0.05
-_DRAIN_S = 0.5
+_DRAIN_S = 0.5  # read this long after the command exits: its background children may hold the pipe
 
-BASH_TOOL: dict[str, Any] = {
+BASH_TOOL: JsonObject = {
     "type": "function",
     "function": {
         "name": "bash",
@@ -56,29 +66,31 @@ class CommandResult:
         return self.output_bytes > OUTPUT_CAP
 
 
-class _Capture(threading.Thread):
-    def __init__(self, stream: IO[bytes], cap: int):
-        super().__init__(name="proctor-capture", daemon=True)
-        self._stream = stream
+class _Capture:
+    """What one pipe carried: the first `cap` bytes, and the count of all of them."""
+
+    def __init__(self, cap: int):
         self._cap = cap
-        self._lock = threading.Lock()
-        self._data = bytearray()
+        self.data = bytearray()
         self.total = 0
 
-    def run(self) -> None:
-        try:
-            for chunk in iter(lambda: self._stream.read1(65536), b""):
-                with self._lock:
-                    self.total += len(chunk)
-                    room = self._cap - len(self._data)
-                    if room > 0:
-                        self._data += chunk[:room]
-        except (OSError, ValueError):
-            pass
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self._cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
 
-    def text(self) -> str:
-        with self._lock:
-            return bytes(self._data).decode("utf-8", "replace")
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """What a process did, in bytes: the first `cap` bytes of each stream and their totals."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    stdout_bytes: int
+    stderr_bytes: int
 
 
 def run_command(
@@ -91,38 +103,115 @@ def run_command(
     stdin_data: bytes | None = None,
     env: Mapping[str, str] | None = None,
     cap: int = OUTPUT_CAP,
+    as_user: UserArgs | None = None,
 ) -> CommandResult:
     """Run `command` to its end or its deadline.
 
-    Raises `Cancelled` (after killing the command's process group) when `cancelled` is set
-    while it runs. With `merge_stderr`, `output` holds stdout and stderr interleaved and
-    `stderr` is empty.
+    Raises `OSError` when the command cannot start (e.g. no process slot is left), and
+    `Cancelled` (after killing the command's process group) when `cancelled` is set while
+    it runs. With `merge_stderr`, `output` holds stdout and stderr interleaved and
+    `stderr` is empty. `as_user`: `Popen`'s user arguments (`identity.Users.popen_args`).
     """
+    r = run_process(["/bin/sh", "-c", command], cwd, timeout_s, cancelled, merge_stderr=merge_stderr,
+                    stdin_data=stdin_data, env=env, cap=cap, as_user=as_user)
+    return CommandResult(r.exit_code, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"),
+                         r.timed_out, r.stdout_bytes)
+
+
+def run_process(
+    argv: list[str],
+    cwd: Path,
+    timeout_s: float,
+    cancelled: threading.Event | None = None,
+    *,
+    merge_stderr: bool = False,
+    stdin_data: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cap: int = OUTPUT_CAP,
+    as_user: UserArgs | None = None,
+) -> ProcessResult:
+    """`run_command` for an argv, in bytes (the same errors)."""
     proc = subprocess.Popen(
-        ["/bin/sh", "-c", command],
+        argv,
         cwd=cwd,
         stdin=subprocess.DEVNULL if stdin_data is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
         start_new_session=True,
         env=None if env is None else dict(env),
+        **(as_user or {}),
     )
-    captures = [_Capture(proc.stdout, cap)] + ([] if merge_stderr else [_Capture(proc.stderr, cap)])
-    for capture in captures:
-        capture.start()
-    if stdin_data is not None:
-        threading.Thread(target=_feed, args=(proc.stdin, stdin_data), daemon=True).start()
+    captures = {proc.stdout: _Capture(cap)}
+    if not merge_stderr:
+        captures[proc.stderr] = _Capture(cap)
+    deadline = time.monotonic() + timeout_s
     try:
-        timed_out = _wait(proc, time.monotonic() + timeout_s, cancelled)
+        timed_out = _pump(proc, captures, stdin_data, deadline, cancelled)
+        if not timed_out and proc.returncode is None:  # it closed its output but runs on
+            timed_out = _wait(proc, deadline, cancelled)
     finally:
-        for capture in captures:
-            capture.join(_DRAIN_S)
-        if not any(c.is_alive() for c in captures):
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-    stderr = captures[1].text() if len(captures) > 1 else ""
-    return CommandResult(proc.returncode, captures[0].text(), stderr, timed_out, captures[0].total)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    out, err = captures[proc.stdout], captures.get(proc.stderr)
+    return ProcessResult(proc.returncode, bytes(out.data), bytes(err.data) if err else b"", timed_out, out.total,
+                         err.total if err else 0)
+
+
+# `captures` is keyed by the command's open pipes, which Popen types as Optional
+def _pump(proc: subprocess.Popen[bytes], captures: dict[Any, _Capture], stdin_data: bytes | None,
+          deadline: float, cancelled: threading.Event | None) -> bool:
+    """Feed stdin and read the output pipes until they close, or `_DRAIN_S` after the
+    command exits. True if it was killed at `deadline`. Raises `Cancelled`."""
+    with selectors.DefaultSelector() as sel:
+        for stream in captures:
+            os.set_blocking(stream.fileno(), False)
+            sel.register(stream, selectors.EVENT_READ)
+        pending = memoryview(stdin_data or b"")
+        if proc.stdin is not None:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin, selectors.EVENT_WRITE)
+        exited_at = None
+        while sel.get_map():
+            now = time.monotonic()
+            if cancelled is not None and cancelled.is_set():
+                _kill(proc)
+                raise Cancelled("cancelled while a command ran")
+            if proc.returncode is None and now >= deadline:
+                _kill(proc)
+                return True
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at >= _DRAIN_S:
+                break
+            for key, _ in sel.select(_POLL_S):
+                stream = key.fileobj
+                if proc.stdin is not None and stream is proc.stdin:
+                    pending = _feed(sel, proc.stdin, pending)
+                    continue
+                try:
+                    chunk = os.read(key.fd, 65536)
+                except BlockingIOError:
+                    continue
+                if chunk:
+                    captures[stream].add(chunk)
+                else:
+                    sel.unregister(stream)
+    return False
+
+
+def _feed(sel: selectors.BaseSelector, pipe: IO[bytes], pending: memoryview) -> memoryview:
+    """Write what the pipe takes now; close it when all is written or the command left."""
+    try:
+        pending = pending[os.write(pipe.fileno(), pending):] if pending else pending
+    except BlockingIOError:
+        return pending
+    except OSError:  # the command closed its stdin (BrokenPipeError): it needs no more
+        pending = pending[len(pending):]
+    if not pending:
+        sel.unregister(pipe)
+        pipe.close()
+    return pending
 
 
 def _wait(proc: subprocess.Popen[bytes], deadline: float, cancelled: threading.Event | None) -> bool:
@@ -140,18 +229,6 @@ def _wait(proc: subprocess.Popen[bytes], deadline: float, cancelled: threading.E
         if time.monotonic() >= deadline:
             _kill(proc)
             return True
-
-
-def _feed(pipe: IO[bytes], data: bytes) -> None:
-    try:
-        pipe.write(data)
-    except (BrokenPipeError, OSError, ValueError):
-        pass
-    finally:
-        try:
-            pipe.close()
-        except OSError:
-            pass
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

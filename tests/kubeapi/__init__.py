@@ -4,7 +4,7 @@ Not a Kubernetes: a real HTTPS server on 127.0.0.1 (a random port, its own CA) t
 real `kubernetes` client and the runtime's WebSocket attach talk to through the kubeconfig
 file it writes (a bearer token checked, or with `client_certs` a client certificate that
 the TLS handshake requires). It answers like the API server where the runtime
-looks: the paths of pods, ConfigMaps, NetworkPolicies, Events and pod metrics; create 201, get
+looks: the paths of pods, ConfigMaps, NetworkPolicies, Services, Events and pod metrics; create 201, get
 200/404 with a `Status`, delete 200 with the object, 409 AlreadyExists, 422 Invalid (the
 body validated with `kubernetes_validate`, strict, Kubernetes 1.37), 403 for an unknown
 RuntimeClass; lists with label and field selectors; watches streaming ADDED / MODIFIED /
@@ -14,7 +14,9 @@ Its scheduler and kubelet (`kubelet.py`) place pods on configured nodes (by defa
 8-CPU nodes without GPUs; optionally a node with 4 x A100), keep unplaceable pods Pending
 and Unschedulable, and run each container as a LOCAL, unisolated process (trusted test
 tasks only), its stdin/stdout/stderr reachable through the attach subresource
-(v4.channel.k8s.io). Faults on demand: OOM-kill, evict, expire (activeDeadlineSeconds),
+(v4.channel.k8s.io). Init containers run first, in order; a container whose image is in
+the double's registry (`kubelet.images`: reference → root filesystem) runs for real in
+that image's root, through bubblewrap, instead (`containers.py`). Faults on demand: OOM-kill, evict, expire (activeDeadlineSeconds),
 a failing image pull, and "fail the next N requests with status S".
 
 The tests reach it only through the kubeconfig (`PROCTOR_KUBECONFIG`): pointed at a real

@@ -7,8 +7,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import select
 import socket
+import ssl
 import threading
+import time
 from typing import Any
 
 from websockets.frames import Opcode
@@ -17,6 +20,7 @@ from websockets.protocol import Protocol, Side, State
 PROTOCOL = "v4.channel.k8s.io"
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUCCESS = {"metadata": {}, "status": "Success"}
+SEND_TIMEOUT_S = 30.0
 
 
 def accept_key(key: str) -> str:
@@ -37,9 +41,25 @@ class AttachSession:
     def _flush(self) -> None:
         for data in self.proto.data_to_send():
             if data:
-                self.sock.sendall(data)
+                self._send_all(data)
             else:
                 self.sock.shutdown(socket.SHUT_WR)
+
+    def _send_all(self, data: bytes) -> None:
+        """Everything, however slowly the client reads, up to `SEND_TIMEOUT_S` without any
+        progress (the socket's own 0.5 s timeout is the reader's poll, not a verdict on a
+        busy client: sendall would give up, and the stream with it, mid-message)."""
+        view = memoryview(data)
+        give_up = time.monotonic() + SEND_TIMEOUT_S
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except (socket.timeout, ssl.SSLWantWriteError):
+                if time.monotonic() > give_up:
+                    raise
+                continue
+            view = view[sent:]
+            give_up = time.monotonic() + SEND_TIMEOUT_S
 
     def send(self, channel: int, data: bytes) -> None:
         with self.lock:
@@ -64,20 +84,31 @@ class AttachSession:
             except OSError:
                 pass
 
+    def _pending(self) -> bool:
+        """Decrypted bytes already buffered in the TLS layer (select cannot see them)."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+
     def serve(self) -> None:
         """Read the client's messages until it or the container goes (on the handler thread)."""
         self.sock.settimeout(0.5)
         waited = 0
         try:
             while self.proto.state is not State.CLOSED:
-                try:
-                    data = self.sock.recv(65536)
-                except socket.timeout:
+                # An SSL socket is not safe to read on one thread while another writes
+                # (the pump threads' sends): wait for data outside the lock, read under it.
+                with self.lock:
+                    pending = self._pending()
+                ready = pending or select.select([self.sock], [], [], 0.5)[0]
+                if not ready:
                     waited += self.finished
                     if waited > 4:  # the client never answered our close
                         break
                     continue
                 with self.lock:
+                    try:
+                        data = self.sock.recv(65536)
+                    except (socket.timeout, ssl.SSLWantReadError):
+                        continue  # a partial TLS record: the rest comes later
                     if data:
                         self.proto.receive_data(data)
                     else:

@@ -10,7 +10,8 @@ A container is `command + args` with `python` mapped to this machine's Python, i
 emptyDir volumes mapped to temporary folders (in the command, the environment and the
 working directory), stdin/stdout/stderr on pipes; output nobody is attached to is
 dropped, as a real attach would never see it. It is NOT isolated: trusted test tasks
-only. The memory limit is the cgroup's (the kernel's OOM kill → OOMKilled; without
+only. A container whose image is in the double's registry (`images`) runs in that image's
+root instead, and init containers run first, in order (`containers.py`). The memory limit is the cgroup's (the kernel's OOM kill → OOMKilled; without
 cgroups, the process tree's RSS is polled instead), `activeDeadlineSeconds` is enforced
 (DeadlineExceeded), and the kubelet can be told to evict a pod, OOM-kill it or fail
 pulling an image, or fail to make any pod sandbox (`sandbox_error`: pods stay
@@ -39,6 +40,8 @@ from kubernetes.utils import parse_quantity
 
 from cluster.runtimes.cgroups import CgroupSet
 
+from .containers import command_of, run_init_containers
+from .procstats import _process_tree, _rss
 from .store import ApiError, Store, now_iso
 
 GPU = "nvidia.com/gpu"
@@ -114,6 +117,8 @@ class Kubelet:
         self.containers: dict[tuple[str, str], Container] = {}
         self.bound: dict[tuple[str, str], tuple[str, dict[str, float]]] = {}  # pod -> node, requests
         self.failing_images: set[str] = set()
+        self.images: dict[str, Path] = {}  # the double's registry: reference → root filesystem (containers.py)
+        self.initializing: set[tuple[str, str]] = set()  # pods whose init containers run
         self.lock = threading.RLock()
         self.stopped = threading.Event()
         store.on_delete.append(self._deleted)
@@ -144,7 +149,8 @@ class Kubelet:
         status = pod.get("status") or {}
         if pod["spec"].get("nodeName") is None:
             self._schedule(ns, name, pod)
-        elif status.get("phase") == "Pending" and (ns, name) not in self.containers:
+        elif status.get("phase") == "Pending" and (ns, name) not in self.containers \
+                and (ns, name) not in self.initializing:
             if pod["metadata"].get("deletionTimestamp"):  # deleted before it started
                 if not self.unresponsive:
                     self._remove(ns, name)
@@ -215,6 +221,13 @@ class Kubelet:
             return
         spec = pod["spec"]
         c = spec["containers"][0]
+        for init in spec.get("initContainers") or []:
+            if init.get("image") in self.failing_images:
+                self.store.update("pods", ns, name, lambda p, i=init: p["status"].update(initContainerStatuses=[
+                    {"name": i["name"], "image": i["image"], "imageID": "", "ready": False, "restartCount": 0,
+                     "state": {"waiting": {"reason": "ErrImagePull",
+                                           "message": f'failed to pull image "{i["image"]}": not found'}}}]))
+                return
         registry = (c.get("image") or "").split("/")[0]
         if c.get("image") in self.failing_images or registry.endswith(".invalid"):  # as no registry answers
             state = (pod.get("status") or {}).get("containerStatuses", [{}])[0].get("state", {})
@@ -227,30 +240,53 @@ class Kubelet:
                     containerStatuses=[self._status(p, {"waiting": {"reason": reason, "message": message}})]))
             return
         root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.root))
-        mounts = {}
         for volume in spec.get("volumes") or []:
             (root / volume["name"]).mkdir()
-        for mount in c.get("volumeMounts") or []:
-            mounts[mount["mountPath"]] = str(root / mount["name"])
+        if spec.get("initContainers"):
+            with self.lock:
+                self.initializing.add((ns, name))
+            threading.Thread(target=self._initialize, args=(ns, name, pod, root), daemon=True).start()
+            return
+        self._run(ns, name, pod, root)
 
-        def mapped(text: str) -> str:
-            for inside, outside in mounts.items():
-                if text == inside or text.startswith(inside + "/"):
-                    return outside + text[len(inside):]
-            return text
+    def _initialize(self, ns: str, name: str, pod: dict[str, Any], root: Path) -> None:
+        """The pod's init containers, in order; then its container, or the pod fails."""
+        def report(statuses: list[dict[str, Any]]) -> bool:
+            return self.store.update("pods", ns, name, lambda p: p["status"].update(
+                initContainerStatuses=copy.deepcopy(statuses))) is not None
 
-        argv = [mapped(a) for a in [*(c.get("command") or []), *(c.get("args") or [])]]
-        if argv and argv[0] == "python":
-            argv[0] = sys.executable
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOSTNAME": name}
-        env.update({e["name"]: mapped(e.get("value", "")) for e in c.get("env") or []})
+        def gone() -> bool:
+            p = self.store.find("pods", ns, name)
+            return p is None or bool(p["metadata"].get("deletionTimestamp"))
+
+        try:
+            ok = run_init_containers(pod, root, self.images, lambda: None, report, gone)
+            if ok and not gone():
+                self._run(ns, name, pod, root)
+                return
+            self.store.update("pods", ns, name, lambda p: p["status"].update(
+                phase="Failed", conditions=[x for x in p["status"].get("conditions", []) if x["type"] != "Ready"]))
+            shutil.rmtree(root, ignore_errors=True)
+            with self.lock:
+                self.bound.pop((ns, name), None)
+            if gone():
+                self._remove(ns, name)
+        finally:
+            with self.lock:
+                self.initializing.discard((ns, name))
+
+    def _run(self, ns: str, name: str, pod: dict[str, Any], root: Path) -> None:
+        spec = pod["spec"]
+        c = spec["containers"][0]
+        command = command_of(pod, c, root, self.images)
+        argv, env = command.argv, command.env
         limits = (c.get("resources") or {}).get("limits") or {}
         memory = float(parse_quantity(limits["memory"])) if "memory" in limits else float("inf")
         cpus = float(parse_quantity(limits.get("cpu", "64")))
         cgroup = CgroupSet.create(f"kubeapi-{pod['metadata']['uid']}", int(min(memory, 2**62)),
                                   self.pod_pids_limit, cpus)
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, cwd=mapped(c.get("workingDir") or "/"), start_new_session=True,
+                                env=env, cwd=command.cwd, start_new_session=True,
                                 preexec_fn=cgroup.attach if cgroup is not None else None)
         deadline = spec.get("activeDeadlineSeconds")
         container = Container(name, pod["metadata"]["uid"], proc, root, memory, time.monotonic(),
@@ -399,71 +435,3 @@ class Kubelet:
         end = time.monotonic() + 5
         while self.containers and time.monotonic() < end:
             time.sleep(0.02)
-
-
-def _process_tree() -> dict[int, list[int]]:
-    """Parent pid → child pids, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-                children.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return children
-
-
-def _below(pid: int, tree: dict[int, list[int]]) -> list[int]:
-    """`pid` and every process below it."""
-    found, todo, seen = [], [pid], set()
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            found.append(p)
-            todo.extend(tree.get(p, []))
-    return found
-
-
-def _rss(pid: int, tree: dict[int, list[int]]) -> int:
-    """Resident bytes of `pid` and every process below it."""
-    total = 0
-    for p in _below(pid, tree):
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
-
-
-def rss(pid: int) -> int:
-    return _rss(pid, _process_tree())
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of `pid` and every live process below it."""
-    total = 0.0
-    for p in _below(pid, _process_tree()):
-        try:
-            with open(f"/proc/{p}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(b")") + 2:].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
-
-
-def scrape_cpu(c: "Container") -> tuple[float, float]:
-    """What metrics-server reports for a container: its average CPU rate (cores) since the
-    last scrape (or its start), and that window in seconds."""
-    now = time.monotonic()
-    used = c.cgroup.cpu_seconds() if c.cgroup is not None else None
-    used = used if used is not None else cpu_seconds(c.proc.pid)
-    then, before = c.scraped or (c.started, 0.0)
-    c.scraped = (now, used)
-    window = max(now - then, 1e-3)
-    return max(0.0, used - before) / window, window

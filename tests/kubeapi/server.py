@@ -16,12 +16,12 @@ from urllib.parse import parse_qs, urlsplit
 import kubernetes_validate
 
 from .attach import PROTOCOL, AttachSession, accept_key
-from .kubelet import rss, scrape_cpu
+from .procstats import rss, scrape_cpu
 from .store import KINDS, ApiError, now_iso
 
 K8S_VERSION = "1.37.0"
 ROUTES = [
-    re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>pods|configmaps|events)(?:/(?P<name>[^/]+)(?:/(?P<sub>attach))?)?$"),
+    re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>pods|configmaps|events|services)(?:/(?P<name>[^/]+)(?:/(?P<sub>attach))?)?$"),
     re.compile(r"^/apis/networking\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>networkpolicies)(?:/(?P<name>[^/]+))?$"),
 ]
 METRICS = re.compile(r"^/apis/metrics\.k8s\.io/v1beta1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)$")
@@ -168,6 +168,12 @@ class ApiHandler(BaseHTTPRequestHandler):
             obj = dict(body)
             if kind == "pods":
                 obj["status"] = {"phase": "Pending", "qosClass": "Guaranteed"}
+            if kind == "services":  # the API server's defaults (a headless Service keeps "None")
+                spec = obj.setdefault("spec", {})
+                spec.setdefault("type", "ClusterIP")
+                spec.setdefault("clusterIP", "10.96.0.10")
+                spec.setdefault("clusterIPs", [spec["clusterIP"]])
+                obj["status"] = {"loadBalancer": {}}
             self._json(201, store.create(kind, ns, obj))
             return 201
         if name is not None and method == "GET":

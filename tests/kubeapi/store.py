@@ -17,7 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-KINDS = {"pods": "Pod", "configmaps": "ConfigMap", "networkpolicies": "NetworkPolicy", "events": "Event"}
+KINDS = {"pods": "Pod", "configmaps": "ConfigMap", "networkpolicies": "NetworkPolicy", "events": "Event",
+         "services": "Service"}
 EVENTS_KEPT = 10_000
 
 

@@ -1,8 +1,0 @@
-"""Scripted policies: plain Python functions that stand in for a model in examples and
-tests. They are scripts, not models; they follow instructions written into each
-sample's metadata and measure nothing about any model.
-
-Each is called by the `python` adapter as
-`fn(messages, sample={id, input, choices, metadata}, workdir=str, **params)` and returns
-the final answer (`str`) or `{"content": str, "tool_calls": [{"id": str, "command": str}]}`.
-"""
