@@ -344,6 +344,7 @@ class Platform:
         from ray import serve
         from ray.cluster_utils import Cluster
 
+        from cluster.localray import address_file_in
         from cluster.runtimes.simulated import SimulateRemoteRuntimes
         from eval_actors import control_plane
         from proctor.settings import Settings
@@ -357,7 +358,8 @@ class Platform:
         node = {"num_cpus": math.ceil(shards * SHARD_CPUS) + 2, "memory": shards * SHARD_MEMORY + 2 * 1024**3,
                 "object_store_memory": 256 * 1024**2, "include_dashboard": False,
                 "temp_dir": str(self.home / "ray")}
-        self.cluster = Cluster(initialize_head=True, head_node_args=node)
+        with address_file_in(str(self.home / "ray")):
+            self.cluster = Cluster(initialize_head=True, head_node_args=node)
         ray.init(address=self.cluster.address, namespace=self.settings.ray_namespace, logging_level="ERROR",
                  log_to_driver=False)
         self.plane = control_plane.start(self.settings, runtime_factory=SimulateRemoteRuntimes())

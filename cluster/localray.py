@@ -24,7 +24,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def address_file_in(temp_dir: str) -> Iterator[None]:
+    """While a `ray.cluster_utils.Cluster` is made with `temp_dir` (tests, benchmarks): Ray
+    writes its address file under `$RAY_TMPDIR/ray` whatever `temp_dir` says, and fails
+    where that folder does not exist (/tmp/ray on a fresh machine). Point it at `temp_dir`,
+    so another Ray on this machine never finds this cluster as "the" local one."""
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before

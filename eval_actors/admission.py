@@ -95,7 +95,7 @@ def in_flight(running: Iterable[Running]) -> tuple[dict[str, int], int, int]:
     for r in running:
         by_owner[r.owner] = by_owner.get(r.owner, 0) + 1
         handing_over += r.supervisor is None
-        placing += r.supervisor is None and r.pg is not None
+        placing += r.supervisor is None and r.demand.gpus > 0
     return by_owner, handing_over, placing
 
 

@@ -244,6 +244,9 @@ class Scheduler(Recovery):
                                room, gpu_room, self._claim_warm)
         for q, node in plan.admits:
             self.queue.remove(q.eval_id, q.shard_id)
+            # held from this moment: the next tick's view counts it before its task has run
+            self.running[(q.eval_id, q.shard_id)] = Running(q.eval_id, q.shard_id, q.owner, q.demand, node.node_id,
+                                                            None, -1, since=time.monotonic())
         for q, node in plan.admits:  # placement and hand-over run beside the next ticks
             task = asyncio.get_running_loop().create_task(self.traces.admission(self._start_shard(q, node), q, node))
             self._starts.add(task)
@@ -258,17 +261,23 @@ class Scheduler(Recovery):
                 self.reasons.pop(eval_id, None)
 
     async def _start_shard(self, q: QueuedShard, node: Node) -> None:
+        key = (q.eval_id, q.shard_id)
+        entry = self.running.get(key)
+        if entry is None or entry.attempt != -1:
+            return  # reconciliation or a cancel took it over meanwhile
         shard = await self.db.shard(q.eval_id, q.shard_id)
         if shard is None or shard.status != "queued":
+            if self.running.get(key) is entry:
+                self.running.pop(key, None)
+            return
+        if self.running.get(key) is not entry:
             return
         pg = None
         if q.demand.gpus:
             pg = placement_group([q.demand.bundle()], strategy="STRICT_PACK", lifetime="detached",
                                  name=pg_name(q.eval_id, q.shard_id, shard.attempt),
                                  bundle_label_selector=[{"ray.io/node-id": node.node_id}])
-        key = (q.eval_id, q.shard_id)
-        entry = self.running[key] = Running(q.eval_id, q.shard_id, q.owner, q.demand, node.node_id, pg,
-                                            shard.attempt, since=time.monotonic())
+        entry.pg, entry.attempt, entry.since = pg, shard.attempt, time.monotonic()
         if pg is not None:
             try:
                 await asyncio.wait_for(pg.ready(), PLACEMENT_TIMEOUT_S)

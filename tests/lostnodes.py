@@ -60,6 +60,7 @@ def main() -> dict[str, Any]:
     from ray.util.placement_group import placement_group_table
 
     sys.path.insert(0, str(Path(__file__).parent))
+    from cluster.localray import address_file_in
     from eval_actors import control_plane
     from eval_actors.control_plane import SCHEDULER
     from eval_actors.lost_work import actor_state
@@ -70,8 +71,9 @@ def main() -> dict[str, Any]:
 
     temp_dir = tempfile.mkdtemp(prefix="rl-", dir="/tmp")
     home = Path(tempfile.mkdtemp(prefix="lostnodes-"))
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "temp_dir": temp_dir, "dashboard_agent_listen_port": free_port()})
+    with address_file_in(temp_dir):
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "temp_dir": temp_dir, "dashboard_agent_listen_port": free_port()})
     report: dict[str, Any] = {}
     try:
         workers = [cluster.add_node(**WORKER, temp_dir=temp_dir, dashboard_agent_listen_port=free_port())

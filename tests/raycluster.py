@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from cluster.localray import address_file_in
 from cluster.runtimes.simulated import SimulateRemoteRuntimes
 from proctor.settings import Settings
 from ports import free_port
@@ -40,7 +41,8 @@ def start_cluster(dashboard_port: int | None = None) -> Any:
     head = dict(NODES["head"], dashboard_agent_listen_port=free_port(), temp_dir=temp_dir)
     if dashboard_port:
         head.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
-    cluster = Cluster(initialize_head=True, head_node_args=head)
+    with address_file_in(temp_dir):
+        cluster = Cluster(initialize_head=True, head_node_args=head)
     cluster.temp_dir = temp_dir
     # free ports for every agent: another Ray on this machine must not take the job agent's
     cluster.add_node(**NODES["h100"], dashboard_agent_listen_port=free_port(), temp_dir=temp_dir)
