@@ -39,6 +39,7 @@ from cluster.results import PART_RE, RESULTS_SCHEMA, parquet_bytes, summarize
 from cluster.retry import backoff_s
 from cluster.storage import StorageError, StoreUnavailableError, write_bytes
 from cluster.transcripts import TranscriptStore
+from proctor.bus_events import StoreEvent, event
 from proctor.observability import observe_process, tracing
 from proctor.settings import Settings
 
@@ -145,7 +146,7 @@ class Aggregator:
 
     def _publish_store(self, degraded: bool) -> None:
         try:
-            self.actors.get(self.bus_name).publish.remote([{"type": "store", "store": "results", "degraded": degraded}])
+            self.actors.get(self.bus_name).publish.remote([event(StoreEvent(store="results", degraded=degraded))])
         except Exception:  # the bus restarts: the next change says it again
             log.warning("could not publish that the results store is %s", "degraded" if degraded else "back")
 

@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group_table, remove_placement_group
 
 from cluster.state import RetriesExhaustedError
+from proctor.bus_events import ShardEvent, event
 from proctor.statuses import TERMINAL
 
 from .admission import PG_PREFIX, Running, pg_name, queued_shard
@@ -112,8 +113,7 @@ class Recovery:
         if retried:
             fresh = await self.db.shard(ev.id, shard.shard_id)
             self.queue.push(queued_shard(ev, fresh))
-            self._publish([{"type": "shard", "eval_id": ev.id, "shard_id": shard.shard_id, "status": "queued",
-                            "reason": why}])
+            self._publish([event(ShardEvent(eval_id=ev.id, shard_id=shard.shard_id, status="queued", reason=why))])
         else:
             await self.db.transition_shard(ev.id, shard.shard_id, "failed", expect=("scheduled", "running"),
                                         error=f"{why}; no attempts left")

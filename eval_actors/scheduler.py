@@ -31,6 +31,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from cluster.datasets import load_samples
 from cluster.inspect_tasks import describe_task
 from cluster.state import StateError, StateStore
+from proctor.bus_events import ShardEvent, StatusEvent, WaitingEvent, event
+from proctor.jsontypes import JsonObject
 from proctor.observability import observe_process, tracing
 from proctor.settings import Settings
 from proctor.spec import parse_spec
@@ -51,6 +53,7 @@ from .admission import (
 from .capacity import Demand, Node, capacity_summary
 from .finish import all_ended, final_status, shard_errors, summary_fields
 from .handles import ActorHandles, ControlPlaneUnavailable, outage_timeout
+from .killswitch import marks_of
 from .local_run import new_eval_id
 from .metrics import record_submission
 from .prewarm import PREWARM_EVERY_S, PoolPlanner
@@ -108,7 +111,7 @@ class Scheduler(Recovery):
 
     # ------------------------------------------------------------ events
 
-    def _publish(self, events: list[dict[str, Any]]) -> None:
+    def _publish(self, events: list[JsonObject]) -> None:
         try:
             self.actors.get(self.bus_name).publish.remote(events)
         except ControlPlaneUnavailable:
@@ -176,7 +179,7 @@ class Scheduler(Recovery):
         for shard in shards:
             self.queue.push(QueuedShard(eval_id, shard.shard_id, owner, spec.priority, demand))
         record_submission()
-        self._publish([{"type": "status", "eval_id": eval_id, "status": "queued", "owner": owner, "name": spec.name}])
+        self._publish([event(StatusEvent(eval_id=eval_id, status="queued", owner=owner, name=spec.name))])
         self.wake.set()
         return eval_id
 
@@ -256,7 +259,7 @@ class Scheduler(Recovery):
                 self.reasons[eval_id] = reason
                 await self.db.update_evaluation(eval_id, wait_reason=reason)
                 if reason:
-                    self._publish([{"type": "waiting", "eval_id": eval_id, "reason": reason}])
+                    self._publish([event(WaitingEvent(eval_id=eval_id, reason=reason))])
             if reason is None:
                 self.reasons.pop(eval_id, None)
 
@@ -298,13 +301,13 @@ class Scheduler(Recovery):
             return
         self.admitted_total += 1
         if await self.db.transition_evaluation(q.eval_id, "scheduled", expect="queued"):
-            self._publish([{"type": "status", "eval_id": q.eval_id, "status": "scheduled"}])
+            self._publish([event(StatusEvent(eval_id=q.eval_id, status="scheduled"))])
         supervisor = self.pools.claimed.pop((q.eval_id, q.shard_id), None) or self._pick_supervisor()
         self.running[key].supervisor = supervisor
         self.running[key].since = float("inf")  # not reconciled before the supervisor has it
-        self._publish([{"type": "shard", "eval_id": q.eval_id, "shard_id": q.shard_id, "status": "scheduled",
-                        "node": node.node_id, "demand": q.demand.describe(), "supervisor": supervisor,
-                        "wait_s": round(time.time() - q.queued_at, 3)}])
+        self._publish([event(ShardEvent(eval_id=q.eval_id, shard_id=q.shard_id, status="scheduled", node=node.node_id,
+                                        demand=q.demand.describe(), supervisor=supervisor,
+                                        wait_s=round(time.time() - q.queued_at, 3)))])
         try:
             await self.actors.call(supervisor, "run_shard", q.eval_id, q.shard_id, shard.attempt,
                                    timeout=HAND_OVER_TIMEOUT_S)
@@ -363,7 +366,8 @@ class Scheduler(Recovery):
         ev = await self.db.get_evaluation(eval_id)
         if ev is None or ev.status in TERMINAL:
             return
-        final = final_status(shards, self.cancelling.get(eval_id))
+        # a stop from the API kills first and tells the scheduler after: its marker says what it asked
+        final = final_status(shards, self.cancelling.get(eval_id) or marks_of(self.settings).status(eval_id))
         spec = parse_spec(ev.spec)
         errors = shard_errors(shards)
         extra = summary_fields(ev, shards, final, errors)
@@ -395,8 +399,7 @@ class Scheduler(Recovery):
         self.traces.finished(ev, final, result.get("error") or ("; ".join(errors)[:2000] if errors else None))
         log.info("evaluation %s ended %s", ev.name, final, extra={"eval_id": eval_id})
         finalizing.end(error=result.get("error"))
-        self._publish([{"type": "status", "eval_id": eval_id, "status": final,
-                        "summary": result.get("summary")}])
+        self._publish([event(StatusEvent(eval_id=eval_id, status=final, summary=result.get("summary")))])
 
     # ------------------------------------------------------------ reading
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import ray
@@ -29,34 +28,34 @@ from cluster.datasets import load_samples
 from cluster.runtimes import RuntimeUnavailable, SandboxRuntime, reap_owner, select_runtime
 from cluster.state import RetriesExhaustedError, StateStore
 from cluster.transcripts import TranscriptStore, search
+from proctor.bus_events import ShardEvent, StatusEvent, event
+from proctor.jsontypes import JsonObject
 from proctor.observability import observe_process, tracing
 from proctor.settings import Settings
 from proctor.spec import Sample, parse_spec
 
 from safety.alerts import AlertSink, Webhook
-from safety.incident import evidence_of
 
 from .gateway import OpenAIGateway
 from .gateway_api import GatewayServer
 from .handles import ActorHandles, ControlPlaneUnavailable, outage_timeout
+from .incidents import record_incidents
 from .inspect_host import Placement
 from .inspect_shard import InspectShardRunner
 from .killswitch import KillSwitch, marks_of
 from .local_run import rescore_outside
-from .metrics import record_shard, record_violation
+from .metrics import record_shard
 from .prewarm import SupervisorPools
 from .shard_executor import ShardExecutor
+from .shard_stream import ShardStream
 from .shard_work import ShardOutcome, ShardWork, StopSignal
 from .state_calls import ThreadedStore
 from .traces import supervised
 
 log = logging.getLogger("proctor.supervisor")
 
-PROGRESS_EVERY_S = 0.25
-STREAM_EVERY_S = 1.0
 FINISHED_TIMEOUT_S = 600.0  # the scheduler hears that a shard ended (it may finish the evaluation first)
 STOP_TIMEOUT_S = 120.0  # the scheduler stops an evaluation (its sandboxes die within seconds)
-MAX_LOG_LINES = 10_000  # kept per shard attempt (all are published live)
 RECONCILE_EVERY_S = 300.0  # sandbox pods that no running shard owns are looked for this often
 
 
@@ -103,7 +102,7 @@ class Supervisor:
     async def _call(self, role: str, method: str, *args: Any, timeout: float, **kwargs: Any) -> Any:
         return await self.actors.call(self.names[role], method, *args, timeout=timeout, **kwargs)
 
-    def _publish(self, events: list[dict[str, Any]]) -> None:
+    def _publish(self, events: list[JsonObject]) -> None:
         try:
             self._actor("bus").publish.remote(events)
         except ControlPlaneUnavailable:
@@ -263,30 +262,6 @@ class Supervisor:
                          for name, p in self.warm.pools.items()},
                 "gateway_calls": sum(l.calls for l in self.gateway.ledgers.values())}
 
-    async def _incidents(self, eval_id: str, shard_id: str, outcome: ShardOutcome) -> list[dict[str, Any]]:
-        """Record each safety violation of the shard as an incident, publish it, and alert
-        on `stop` and `alert` ones. Returns them as dicts."""
-        safety = outcome.safety.as_dict()
-        out = []
-        for v in outcome.safety.violations:
-            evidence = evidence_of(v, safety, outcome.safety.started_at)
-            evidence["stopped_the_shard"] = v == outcome.safety.stopped_by
-            try:
-                inc = await self.db.add_incident(eval_id, rule=f"{v['monitor']}/{v['rule']}", severity=v["severity"],
-                                              action=v["action"], evidence=evidence, shard_id=shard_id)
-            except Exception:  # the incident is also in the quarantine report and the log
-                log.exception("could not record an incident of %s/%s", eval_id, shard_id)
-                continue
-            item = {"id": inc.id, "eval_id": eval_id, "shard_id": shard_id, "rule": inc.rule,
-                    "severity": inc.severity, "action": inc.action, "evidence": evidence,
-                    "created_at": inc.created_at.isoformat()}
-            out.append(item)
-            record_violation(inc.rule, inc.action)
-            self._publish([{"type": "incident", **item}])
-            if v["action"] in ("stop", "alert"):
-                self.alerts.send(item)
-        return out
-
     def _background(self, awaitable: Any) -> None:
         async def run() -> None:
             try:
@@ -342,56 +317,19 @@ class Supervisor:
                                            sandbox_id=sandbox_id):
             return  # cancelled or taken meanwhile
         if await self.db.transition_evaluation(eval_id, "running", expect="scheduled"):
-            self._publish([{"type": "status", "eval_id": eval_id, "status": "running"}])
-        self._publish([{"type": "shard", "eval_id": eval_id, "shard_id": shard_id, "status": "running",
-                        "supervisor": self.name, "runtime": runtime.name}])
+            self._publish([event(StatusEvent(eval_id=eval_id, status="running"))])
+        self._publish([event(ShardEvent(eval_id=eval_id, shard_id=shard_id, status="running", supervisor=self.name,
+                                        runtime=runtime.name))])
         aggregator = self._actor("aggregator")
         scorers = work.spec.scorer_names()
-        pending: list[Any] = []
-        done = 0
-        last_progress = last_stream = 0.0
-
-        def on_record(record: Any) -> None:
-            nonlocal done, last_stream
-            pending.append(record)
-            done += 1
-            now = time.monotonic()
-            if now - last_stream > STREAM_EVERY_S:
-                last_stream = now
-                aggregator.add_records.remote(eval_id, shard_id, attempt, list(pending), scorers)
-                pending.clear()
-
-        logs: list[dict[str, Any]] = []
-        dropped_logs = 0
-
-        def on_event(event: Any) -> None:
-            nonlocal last_progress, dropped_logs
-            now = time.monotonic()
-            if event.type == "progress" and now - last_progress > PROGRESS_EVERY_S:
-                last_progress = now
-                self._publish([{"type": "progress", "eval_id": eval_id, "shard_id": shard_id,
-                                "done": done, "total": work.units}])
-            elif event.type == "log":
-                line = {"n": len(logs) + dropped_logs, "ts": time.time(), "shard_id": shard_id, "attempt": attempt,
-                        "level": event.level, "message": event.message[:2000]}
-                if len(logs) < MAX_LOG_LINES:
-                    logs.append(line)
-                else:
-                    dropped_logs += 1
-                self._publish([{"type": "log", "eval_id": eval_id, **line}])
-
+        stream = ShardStream(eval_id, shard_id, attempt, work.units, publish=self._publish,
+                             add_records=lambda rows: aggregator.add_records.remote(eval_id, shard_id, attempt, rows,
+                                                                                    scorers))
         if work.spec.inspect is not None:
             runner = InspectShardRunner(self.gateway_server, self.workdir / runtime.name, self.transcripts,
                                         runtime.name, runtime.isolation, self.settings.images_dir)
-            def progressed(finished: int) -> None:
-                nonlocal last_progress
-                if time.monotonic() - last_progress > PROGRESS_EVERY_S or finished == work.units:
-                    last_progress = time.monotonic()
-                    self._publish([{"type": "progress", "eval_id": eval_id, "shard_id": shard_id,
-                                    "done": finished, "total": work.units}])
-
             placement = Placement.of(eval_id, shard_id, retry, shard.placement, shard.resources)
-            outcome: ShardOutcome = await runner.run(work, stop, attempt, progressed, placement)
+            outcome: ShardOutcome = await runner.run(work, stop, attempt, stream.progressed, placement)
         else:
             executor = ShardExecutor(runtime, self.gateway, self.workdir / runtime.name, rescore=rescore_outside,
                                      images=self.images, pool=self.warm.pools.get(runtime.name),
@@ -399,13 +337,13 @@ class Supervisor:
                                      killswitch=self.killswitch)
             self.executors[(eval_id, shard_id)] = (attempt, executor)
             try:
-                outcome = await executor.run(work, on_event=on_event, cancel=stop, on_record=on_record,
+                outcome = await executor.run(work, on_event=stream.on_event, cancel=stop, on_record=stream.on_record,
                                              sandbox_id=sandbox_id)
                 await self._keep_transcripts(work, attempt, outcome)  # before the shard is gone from the live view
             finally:
                 self.executors.pop((eval_id, shard_id), None)
         try:
-            incidents = await self._incidents(eval_id, shard_id, outcome)
+            incidents = await record_incidents(self.db, self.alerts, self._publish, eval_id, shard_id, outcome)
             stored = outage_timeout(self.settings)  # the aggregator rides out an outage of the results store
             if outcome.status == "safety_stopped":
                 # its rows and artifacts are moved aside, readable by the safety and admin roles only
@@ -425,9 +363,7 @@ class Supervisor:
                                      list(outcome.quarantined_artifacts),
                                      {"incidents": [i for i in incidents if i["rule"].startswith("cleanup/")]},
                                      timeout=stored)
-            if dropped_logs:
-                logs.append({"n": len(logs) + dropped_logs, "ts": time.time(), "shard_id": shard_id, "attempt": attempt,
-                             "level": "warning", "message": f"proctor: {dropped_logs} more log lines were not kept"})
+            logs = stream.kept_logs()
             if logs:
                 await self._call("aggregator", "store_logs", eval_id, shard_id, attempt, logs, timeout=stored)
             if outcome.safety.resources:
@@ -443,14 +379,14 @@ class Supervisor:
                 await self.db.transition_shard(eval_id, shard_id, status, expect="running", error=outcome.error,
                                                done_units=len(outcome.records))
             record_shard(status, len(outcome.records), outcome.model_calls, outcome.model_tokens, outcome.first_event_s)
-            self._publish([{"type": "shard", "eval_id": eval_id, "shard_id": shard_id, "status": status,
-                            "error": outcome.error, "runtime": outcome.runtime, "isolation": outcome.isolation,
-                            "rejections": len(outcome.rejections), "duration_s": round(outcome.duration_s, 3),
-                            "startup_s": outcome.first_event_s, "samples": len(outcome.records),
-                            "launched": outcome.exit is not None,
-                            "model_calls": outcome.model_calls, "model_tokens": outcome.model_tokens},
-                           {"type": "progress", "eval_id": eval_id, "shard_id": shard_id, "done": len(outcome.records),
-                            "total": work.units}])
+            self._publish([event(ShardEvent(eval_id=eval_id, shard_id=shard_id, status=status, error=outcome.error,
+                                            runtime=outcome.runtime, isolation=outcome.isolation,
+                                            rejections=len(outcome.rejections),
+                                            duration_s=round(outcome.duration_s, 3),
+                                            startup_s=outcome.first_event_s, samples=len(outcome.records),
+                                            launched=outcome.exit is not None, model_calls=outcome.model_calls,
+                                            model_tokens=outcome.model_tokens)),
+                           stream.progress(len(outcome.records))])
         finally:  # one shard's violation stops the whole evaluation, whatever failed above
             if outcome.status == "safety_stopped":
                 self._background(self._call("scheduler", "cancel", eval_id, True, "safety_stopped",

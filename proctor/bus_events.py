@@ -5,9 +5,10 @@ this vocabulary it is written in), `seq` and `ts` (stamped by the bus), and the
 evaluation it belongs to (`eval_id`; None for platform-wide ones). `BusEvent` is their
 union, discriminated by `type`, like the runner protocol's (`proctor.protocol`).
 
-Publishers write plain dicts of these shapes; consumers (the API's streams, its metrics)
-read them through `read_events`, which keeps the events that validate, in their JSON form
-as published, and drops the rest with a warning: a malformed event never reaches a client.
+Publishers build these models and send `event(model)`, their JSON form; consumers (the
+API's streams, its metrics) read them through `read_events`, which keeps the events that
+validate, in their JSON form as published, and drops the rest with a warning: a
+malformed event never reaches a client.
 A newer publisher may add fields (they pass through); a new `type` or `v` is a new entry here.
 
     from proctor.bus_events import parse_event
@@ -135,6 +136,13 @@ BusEvent = Annotated[
 ]
 EVENT_TYPES = ("status", "shard", "progress", "log", "incident", "waiting", "store")
 _adapter: TypeAdapter[StatusEvent | ShardEvent | ProgressEvent | LogEvent | IncidentEvent | WaitingEvent | StoreEvent] = TypeAdapter(BusEvent)
+
+
+def event(model: _Event) -> JsonObject:
+    """A typed event as publishers send it: its JSON form with `type`, `v` and the fields
+    that were given (a field given as None stays, as null; `seq` and `ts` are the bus's)."""
+    data: JsonObject = model.model_dump(mode="json", exclude_unset=True)
+    return {"type": getattr(model, "type"), "v": model.v, **data}
 
 
 def parse_event(data: object) -> BusEvent:

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     pool_size: int = Field(2, ge=0, le=64, description="warm gvisor sandboxes kept per sandbox class (runtime, "
                            "image, limits, network) while shards of that class are queued, started ahead of "
                            "demand and used once each (cluster/pool.py); 0 turns the pool off")
+    api_nice: int = Field(-10, ge=-20, le=19, description="scheduling priority (nice) of the API's replica and "
+                          "Serve's ingress beside it, so that a stop reaches the API on a busy host "
+                          "(serve_app/priority.py; needs root or CAP_SYS_NICE); 0 leaves the default")
     pool_max_age_s: float = Field(300.0, gt=0, description="how long a warm sandbox waits before it is destroyed "
                                   "and replaced")
     supervisor_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources "
