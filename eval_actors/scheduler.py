@@ -247,11 +247,13 @@ class Scheduler(Recovery):
                                room, gpu_room, self._claim_warm)
         for q, node in plan.admits:
             self.queue.remove(q.eval_id, q.shard_id)
-            # held from this moment: the next tick's view counts it before its task has run
-            self.running[(q.eval_id, q.shard_id)] = Running(q.eval_id, q.shard_id, q.owner, q.demand, node.node_id,
-                                                            None, -1, since=time.monotonic())
         for q, node in plan.admits:  # placement and hand-over run beside the next ticks
-            task = asyncio.get_running_loop().create_task(self.traces.admission(self._start_shard(q, node), q, node))
+            # held from this moment (its attempt is known once its task reads the store): the
+            # next tick's view counts it before that task has run
+            entry = self.running[(q.eval_id, q.shard_id)] = Running(q.eval_id, q.shard_id, q.owner, q.demand,
+                                                                    node.node_id, None, -1, since=time.monotonic())
+            task = asyncio.get_running_loop().create_task(
+                self.traces.admission(self._start_shard(q, node, entry), q, node))
             self._starts.add(task)
             task.add_done_callback(self._starts.discard)
         for eval_id, reason in plan.wait_reasons(self.reasons).items():
@@ -263,11 +265,8 @@ class Scheduler(Recovery):
             if reason is None:
                 self.reasons.pop(eval_id, None)
 
-    async def _start_shard(self, q: QueuedShard, node: Node) -> None:
+    async def _start_shard(self, q: QueuedShard, node: Node, entry: Running) -> None:
         key = (q.eval_id, q.shard_id)
-        entry = self.running.get(key)
-        if entry is None or entry.attempt != -1:
-            return  # reconciliation or a cancel took it over meanwhile
         shard = await self.db.shard(q.eval_id, q.shard_id)
         if shard is None or shard.status != "queued":
             if self.running.get(key) is entry:

@@ -43,8 +43,10 @@ def test_renice_raises_every_thread_once_and_never_lowers() -> None:
                               "time.sleep(30)\n"])
     try:
         tasks = Path(f"/proc/{child.pid}/task")
-        while len(list(tasks.iterdir())) < 2:
-            pass
+        deadline = time.monotonic() + 30
+        while len(list(tasks.iterdir())) < 2:  # its second thread has started
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert renice(child.pid, -5) == 2
         assert {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in tasks.iterdir()} == {-5}
         assert renice(child.pid, -5) == 0  # nothing left to raise
