@@ -173,13 +173,16 @@ def kill_evaluations(eval_ids: set[str], root: Path = CGROUP_ROOT,
     killed = dict.fromkeys(eval_ids, 0)
     for eval_id, sets in groups.items():
         for group in sets:
+            pids = group.pids()
             unified = group.dirs.get("unified")
             if unified is not None:
                 try:
                     (unified / "cgroup.kill").write_text("1")  # the kernel kills the whole group
+                    killed[eval_id] += len(pids)  # (they may be gone before a signal of ours reaches them)
+                    pids = group.pids()  # any forked meanwhile
                 except OSError:
                     pass  # no cgroup.kill before Linux 5.14: each pid below
-            for pid in group.pids():
+            for pid in pids:
                 killed[eval_id] += _kill(pid)
     for eval_id, pids in runtime_pids_of(eval_ids, claims).items():
         for pid in pids:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ class KillSwitch:
     def request(self, eval_id: str, status: str = "cancelled") -> Future[KillPass]:
         """Mark `eval_id` stopping (durable when this returns) and have the killer kill its
         sandboxes here. The future resolves with the first pass after which none is alive
-        (or the last pass, `WATCH_S` later, if some still were)."""
+        (or the last pass, `WATCH_S` later, if some still were), counting what every pass
+        since the evaluation's first request killed."""
         self.marks.mark(eval_id, status)
         done: Future[KillPass] = Future()
         self._requests.put((eval_id, done))
@@ -82,14 +84,15 @@ class KillSwitch:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         except OSError:
             pass  # not root: the thread still never waits behind an event loop
-        watching: dict[str, tuple[float, list[Future[KillPass]]]] = {}
+        watching: dict[str, _Watch] = {}
         while True:
             try:
                 item = self._requests.get(timeout=TICK_S if watching else None)
                 while True:
                     eval_id, done = item
-                    until, waiters = watching.get(eval_id, (0.0, []))
-                    watching[eval_id] = (max(until, time.monotonic() + WATCH_S), [*waiters, done])
+                    watch = watching.setdefault(eval_id, _Watch())
+                    watch.until = max(watch.until, time.monotonic() + WATCH_S)
+                    watch.waiters.append(done)
                     item = self._requests.get_nowait()
             except queue.Empty:
                 pass
@@ -97,25 +100,42 @@ class KillSwitch:
                 passes = kill_evaluations(set(watching), self.cgroup_root, self.marks.claims())
             except Exception as exc:  # never lose the thread; the waiters hear of it
                 log.exception("the kill pass failed")
-                for _, waiters in watching.values():
-                    for w in waiters:
+                for watch in watching.values():
+                    for w in watch.waiters:
                         if not w.done():
                             w.set_exception(exc)
                 watching.clear()
                 continue
             now = time.monotonic()
-            for eval_id, (until, waiters) in list(watching.items()):
-                found = passes[eval_id]
-                if found.killed:
-                    log.warning("stop of %s: killed %d processes of %s", eval_id, found.killed,
+            for eval_id, watch in list(watching.items()):
+                found = watch.add(passes[eval_id])
+                if passes[eval_id].killed:
+                    log.warning("stop of %s: killed %d processes of %s", eval_id, passes[eval_id].killed,
                                 ", ".join(found.sandboxes) or "its runtime")
-                if found.alive == 0 or now >= until:
-                    for w in waiters:
+                if found.alive == 0 or now >= watch.until:
+                    for w in watch.waiters:
                         if not w.done():
                             w.set_result(found)
-                    waiters.clear()
-                if now >= until:
+                    watch.waiters.clear()
+                if now >= watch.until:
                     del watching[eval_id]
+
+
+@dataclass
+class _Watch:
+    """An evaluation being stopped here: until when its sandboxes are looked for, who waits
+    to hear, and what the passes since the first request found (the sandboxes and the
+    processes killed over all of them: a pass after the one that killed finds nothing)."""
+
+    until: float = 0.0
+    waiters: list[Future[KillPass]] = field(default_factory=list)
+    sandboxes: set[str] = field(default_factory=set)
+    killed: int = 0
+
+    def add(self, one: KillPass) -> KillPass:
+        self.sandboxes.update(one.sandboxes)
+        self.killed += one.killed
+        return KillPass(tuple(sorted(self.sandboxes)), self.killed, one.alive)
 
 
 def stop_requested(marks: StopMarks | None, eval_id: str, cancel: Any) -> bool:

@@ -212,7 +212,8 @@ class ShardExecutor:
                         on_event(event)
                 exit_ = await sandbox.wait()
                 stop_requested(self.stops, work.eval_id, cancel)  # killed by the stop from another process
-                limit_hit(run.guard, exit_)
+                if cancel is None or not cancel.is_set():  # (a sandbox killed by a stop hit no limit:
+                    limit_hit(run.guard, exit_)  # its pids' refusals under load are not a violation)
                 await run.guard.sweep()
                 await run.guard.wait_stopped()
             finally:

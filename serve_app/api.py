@@ -30,7 +30,6 @@ from .errors import install
 from .limits import BodyLimit
 from .metrics import RequestMetrics
 from .models import ERRORS
-from .priority import PriorityKeeper
 from .routes import ROUTERS
 from .tracing import RequestTracing
 from .transcripts import router as transcripts_router
@@ -45,10 +44,7 @@ def build_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        keeper = PriorityKeeper(settings.api_nice)  # a stop reaches the API on a busy host
-        keeper.start()
         yield
-        keeper.stop()
         ctx.store.close()  # its pooled database connections, closed when the app stops
 
     app = FastAPI(title="Proctor", version="1", docs_url="/docs", openapi_url="/openapi.json",

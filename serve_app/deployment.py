@@ -14,6 +14,7 @@ from ray import serve
 from proctor.settings import Settings, load_settings
 
 from .api import build_app
+from .priority import PriorityKeeper
 
 APP_NAME = "proctor"
 
@@ -30,7 +31,11 @@ def deployment(settings: Settings) -> serve.Application:
                                       "encoding": "JSON" if settings.log_format == "json" else "TEXT"})
     @serve.ingress(fastapi_app)
     class ProctorAPI:
-        pass
+        def __init__(self) -> None:
+            # Only in the replica: an app built in another process (a test's, a
+            # script's) leaves that process's priority alone.
+            self._priority = PriorityKeeper(settings.api_nice)  # a stop reaches the API on a busy host
+            self._priority.start()
 
     return ProctorAPI.bind()
 

@@ -317,6 +317,12 @@ class ProcessSandbox(StreamSandbox):
         self._discarding: asyncio.Future[None] | None = None
         self._exit: SandboxExit | None = None
 
+    def ended(self) -> bool:
+        """Whether the sandbox has ended or is being ended: its process has exited, it was
+        killed, or its cgroup has no process left (a stop from elsewhere killed it)."""
+        return (self.proc is None or self.proc.returncode is not None or self._reason is not None
+                or (self.cgroup is not None and not self.cgroup.pids()))
+
     # -- what a subclass provides
 
     @abstractmethod

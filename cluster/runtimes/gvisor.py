@@ -183,6 +183,8 @@ class GvisorSandbox(ProcessSandbox):
         return self.request.limits.pids * HOST_TASKS_PER_PROCESS + HOST_THREADS
 
     async def stats(self) -> SandboxStats:
+        if self.ended():  # no runsc call about a sandbox that is gone (or being killed by a stop)
+            return SandboxStats(at=asyncio.get_running_loop().time())
         out = await _output(self._runsc("events", "--stats", self.id))
         try:
             data = json.loads(out or "{}").get("data", {})
