@@ -291,7 +291,10 @@ def build(api_url: str, token: str | None = None, ray_dashboard: str | None = No
         stop_target = gr.State(None)  # the evaluation whose stop awaits its confirmation
         stop.click(arm, [pick], [confirm, abort, stop_target])
         abort.click(hide, None, [confirm, abort])
-        pick.change(hide, None, [confirm, abort])
+        # another evaluation picked withdraws the confirmation; the live list refreshing the
+        # pick (its choices) while the armed one is still picked does not
+        pick.change(lambda picked, armed: hide() if picked != armed else (gr.update(), gr.update()),
+                    [pick, stop_target], [confirm, abort])
         confirm.click(emergency_stop, [token_state, stop_target], [stop_msg, confirm, abort])
         for changed in (signed, signed_out):  # another user, another role: nothing stays armed
             changed.then(lambda: (gr.update(visible=False),) * 4, None, [confirm, abort, confirm_all, abort_all])
