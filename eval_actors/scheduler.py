@@ -293,6 +293,15 @@ class Scheduler(Recovery):
                 return
             if self.running.get(key) is not entry:
                 return  # reconciliation took it over while it was placed (it removed the group, re-queued it)
+        if q.eval_id in self.cancelling:  # cancelled after its admission took it off the queue
+            remove_group(pg)
+            self.running.pop(key, None)
+            self.pools.claimed.pop(key, None)
+            await self.db.transition_shard(q.eval_id, q.shard_id, "cancelled", expect="queued",
+                                           error="cancelled before it ran")
+            self.traces.cancelled_in_queue(q)
+            await self._maybe_finish(q.eval_id)
+            return
         if not await self.db.transition_shard(q.eval_id, q.shard_id, "scheduled", expect="queued",
                                            placement=node.node_id):
             remove_group(pg)
@@ -312,6 +321,11 @@ class Scheduler(Recovery):
                                    timeout=HAND_OVER_TIMEOUT_S)
         except Exception as exc:  # the supervisor is gone: reconciliation retries the shard
             log.warning("supervisor %s did not take %s/%s: %s", supervisor, q.eval_id, q.shard_id, exc)
+        else:
+            if q.eval_id in self.cancelling:  # a cancel while it was handed over may have reached
+                # the supervisor before the shard did (an emergency stop's marker stops it anyway)
+                await asyncio.gather(self.actors.call(supervisor, "cancel", q.eval_id, q.shard_id, False,
+                                                      timeout=CANCEL_TIMEOUT_S), return_exceptions=True)
         if self.running.get(key) is entry:
             entry.since = time.monotonic()
 
