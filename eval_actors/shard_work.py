@@ -84,6 +84,11 @@ class ShardSafety:
                 "killed_at": self.killed_at, "started_at": self.started_at, "kill_s": self.kill_s,
                 "trace": list(self.trace), "resources": list(self.resources)}
 
+    def __getitem__(self, key: str) -> Any:
+        """A value of the JSON form by its key (`safety["violations"]`: a list), as the
+        guard summary this record replaced was read."""
+        return self.as_dict()[key]
+
 
 @dataclass(frozen=True)
 class ShardOutcome:
