@@ -141,8 +141,9 @@ def main() -> None:
             base = rounds[0]["wall_s"] or 1.0
             print(f"outage {outage:>5g} s: {result['succeeded']}/{result['evals']} succeeded, "
                   f"rows lost {result['rows_lost']}, doubled {result['rows_doubled']}, wall {result['wall_s']} s "
-                  f"({result['wall_s'] / base:.2f}x baseline), all written {result['written_after_return_s']} s "
-                  f"after the store returned, spill peak {result['spill_peak_bytes'] / 1024:.0f} KiB"
+                  f"({result['wall_s'] / base:.2f}x baseline), "
+                  + (f"all written {result['written_after_return_s']} s after the store returned, " if outage else "")
+                  + f"spill peak {result['spill_peak_bytes'] / 1024:.0f} KiB"
                   + (f"; errors: {result['errors']}" if result["errors"] else ""), flush=True)
     finally:
         if proxy is not None:
