@@ -55,11 +55,13 @@ MAX_INCIDENT_BYTES = 1024**2
 INSPECT_SANDBOX = "proctor"
 
 
-def sandbox_for(spec: EvaluationSpec, runtime: str, home: Path) -> list[Any] | None:
+def sandbox_for(spec: EvaluationSpec, runtime: str, home: Path, eval_id: str | None = None,
+                stops: Path | None = None) -> list[Any] | None:
     """The Inspect sandbox a task's samples run in: Proctor's, for a task that declares one
     (its tools need it), configured by a file written in the shard's provider `home`: one
     service with the spec's image and limits, its runtime and safety policy; none for a
-    task that declares none."""
+    task that declares none. With `eval_id` and `stops` (the platform's stop markers) the
+    sandboxes are claimed for the evaluation, so that its emergency stop finds them."""
     resolved = spec.inspect.resolved if spec.inspect else None
     if resolved is None or not resolved.sandboxed:
         return None
@@ -70,7 +72,8 @@ def sandbox_for(spec: EvaluationSpec, runtime: str, home: Path) -> list[Any] | N
         config = dict(yaml.safe_load(spec.inspect.files[resolved.sandbox_config]))  # type: ignore[union-attr]
     config |= {"x-proctor": {"runtime": runtime if runtime in ("gvisor", "bubblewrap") else "auto",
                             "policy": spec.safety.model_dump(mode="json"), "timeout_s": box.timeout_s,
-                            "home": str(home)}}
+                            "home": str(home),
+                            **({"evaluation": eval_id, "stops": str(stops)} if eval_id and stops else {})}}
     path = home / "sandbox.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return [INSPECT_SANDBOX, str(path)]
@@ -87,8 +90,9 @@ class InspectShardRunner:
     """Runs Inspect shards for one supervisor."""
 
     def __init__(self, server: GatewayServer, workdir: Path, transcripts: TranscriptStore,
-                 runtime: str, isolation: str, images_dir: Path):
+                 runtime: str, isolation: str, images_dir: Path, stops: Path | None = None):
         self.server = server
+        self.stops = stops  # the platform's stop markers (cluster.stopping.StopMarks' folder)
         self.images_dir = images_dir
         self.workdir = workdir
         self.transcripts = transcripts
@@ -121,7 +125,7 @@ class InspectShardRunner:
         grant = self.server.admit(work.eval_id, work.shard_id, spec.model, spec.safety, guard)
         ids = [str(s.id) for s in work.samples]
         job = job_of(spec.inspect, folder / "task", sample_ids=ids, limit=None, epochs=len(work.epochs),
-                     model=spec.model.model, model_args=model_args(spec.model), sandbox=sandbox_for(spec, self.runtime, home),
+                     model=spec.model.model, model_args=model_args(spec.model), sandbox=sandbox_for(spec, self.runtime, home, work.eval_id, self.stops),
                      log_dir=str(folder / "logs"), max_samples=MAX_SAMPLES)
         env = worker_env(folder / "home", self.server.environment(grant))
         status, error = "succeeded", None

@@ -327,7 +327,8 @@ class Supervisor:
                                                                                     scorers))
         if work.spec.inspect is not None:
             runner = InspectShardRunner(self.gateway_server, self.workdir / runtime.name, self.transcripts,
-                                        runtime.name, runtime.isolation, self.settings.images_dir)
+                                        runtime.name, runtime.isolation, self.settings.images_dir,
+                                        self.killswitch.marks.folder)
             placement = Placement.of(eval_id, shard_id, retry, shard.placement, shard.resources)
             outcome: ShardOutcome = await runner.run(work, stop, attempt, stream.progressed, placement)
         else:

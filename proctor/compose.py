@@ -95,6 +95,10 @@ class ProctorConfig(BaseModel):
     timeout_s: float = Field(24 * 3600.0, gt=0, description="the longest a sample's sandboxes live")
     home: str | None = Field(None, description="Proctor's data folder (images, sandboxes, incidents); "
                              "the settings' home (PROCTOR_HOME) when not given")
+    evaluation: str | None = Field(None, description="set by Proctor's own Inspect shards: the evaluation whose "
+                                   "samples these are (its emergency stop finds their sandboxes by it)")
+    stops: str | None = Field(None, description="set with `evaluation`: the platform's folder of stop markers "
+                              "(a sample of an evaluation being stopped starts no sandbox)")
 
     @model_validator(mode="after")
     def _one_default(self) -> "ProctorConfig":

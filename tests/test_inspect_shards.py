@@ -42,11 +42,11 @@ def work_of(spec: EvaluationSpec, ids: list[str] | None = None, shard_id: str = 
 
 async def _run(tmp: Path, work: ShardWork, stop: StopSignal | None = None, after: float | None = None,
                hard: bool = False, key: str | None = None,
-               progress: list[int] | None = None) -> tuple[ShardOutcome, InspectShardRunner]:
+               progress: list[int] | None = None, stops: Path | None = None) -> tuple[ShardOutcome, InspectShardRunner]:
     settings = Settings(home=tmp / "home", results_uri=(tmp / "results").as_uri())
     server = GatewayServer(OpenAIGateway(secret={"DOUBLE_KEY": key}.get))
     runner = InspectShardRunner(server, tmp / "work", TranscriptStore(settings.results, settings), "gvisor", "strong",
-                                settings.images_dir)
+                                settings.images_dir, stops)
     stop = stop or StopSignal()
 
     async def stop_later() -> None:
@@ -176,6 +176,29 @@ def test_a_tasks_bash_calls_run_in_proctor_sandboxes(tmp_path: Path) -> None:
     # the command ran in a sandbox, as its unprivileged user (nobody), not as this process's user
     assert all(r.output.split() == [str(int(r.sample_id[1:]) ** 2), "65534"] for r in outcome.records), \
         [r.output for r in outcome.records]
+
+
+def test_a_shards_sample_sandboxes_are_claimed_for_its_evaluation_and_none_starts_once_it_is_stopping(
+        tmp_path: Path) -> None:
+    """Their names (`pxi-<sample>-<n>`) do not say the evaluation: each is claimed for it in
+    the platform's stop markers before it starts, so that the emergency stop's killer finds
+    it; and a sample of an evaluation being stopped starts none."""
+    from cluster.stopping import StopMarks, _owner_of
+
+    marks = StopMarks(tmp_path / "stopping")
+    spec = spec_of("tools.py@shell", args={"samples": 2})
+    outcome, _ = asyncio.run(_run(tmp_path / "one", work_of(spec), stops=marks.folder))
+    assert outcome.status == "succeeded", outcome.error
+    claims = marks.claims()
+    assert len(claims) == 2 and all(s.startswith("pxi-") for s in claims) and set(claims.values()) == {"ev-inspect"}
+    assert all(_owner_of(f"sup-0--{s}", {"ev-inspect"}, claims) == "ev-inspect" for s in claims)
+
+    marks.mark("ev-inspect", "cancelled")  # the stop's marker, as the API writes it first
+    outcome, _ = asyncio.run(_run(tmp_path / "two", work_of(spec), stops=marks.folder))
+    assert outcome.records and all("is being stopped: no sandbox starts" in (r.error or "") and not r.scores
+                                   for r in outcome.records), [(r.error, r.scores) for r in outcome.records]
+    assert len(marks.claims()) == 2  # no sandbox was claimed, so none started
+    assert not list((tmp_path / "two" / "work").iterdir())
 
 
 def test_a_command_breaking_a_safety_rule_inside_a_sample_stops_the_shard(tmp_path: Path) -> None:

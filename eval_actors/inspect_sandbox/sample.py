@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from cluster.images import ImageStore
-from cluster.runtimes import LaunchRequest, SandboxLimits, SandboxRuntime, select_runtime
+from cluster.runtimes import LaunchRequest, SandboxError, SandboxLimits, SandboxRuntime, select_runtime
 from cluster.runtimes.layout import SANDBOX_USER, harness_layout, injected_layout
+from cluster.stopping import StopMarks
 from eval_actors.launch import NOBODY, ImageRefused, image_problem, pulled_image
 from eval_actors.inspect_sandbox.channel import ServiceChannel
 from eval_actors.inspect_sandbox.networks import SampleNetwork, open_network
@@ -160,6 +161,16 @@ class SampleSandboxes:
             await self.close()
             raise
 
+    def _claim(self, sandbox_id: str) -> None:
+        """In a Proctor shard: no sandbox for an evaluation being stopped, and each one
+        claimed for its evaluation first, so that the stop's killer finds it by name."""
+        if not (self.config.evaluation and self.config.stops):
+            return
+        marks = StopMarks(Path(self.config.stops))
+        if marks.requested(self.config.evaluation):
+            raise SandboxError(f"evaluation {self.config.evaluation} is being stopped: no sandbox starts")
+        marks.claim(self.config.evaluation, sandbox_id)
+
     def _plan(self, name: str, svc: ServiceConfig) -> tuple[LaunchRequest, ServiceStart]:
         runtime = self.home.runtime
         image, reference = None, None
@@ -199,6 +210,7 @@ class SampleSandboxes:
         return request, start
 
     async def _launch(self, name: str, request: LaunchRequest, start: ServiceStart) -> Service:
+        self._claim(request.sandbox_id)
         sandbox = await self.home.runtime.launch(request)
         self._sandboxes.append(sandbox)
         watch = ServiceWatch(self.config.policy, sandbox, name, self.home.incidents)
