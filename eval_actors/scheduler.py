@@ -191,16 +191,20 @@ class Scheduler(Recovery):
             return False
         self.cancelling[eval_id] = status
         for q in self.queue.remove_evaluation(eval_id):
-            self.pools.claimed.pop((eval_id, q.shard_id), None)
-            await self.db.transition_shard(eval_id, q.shard_id, "cancelled", expect="queued",
-                                        error="cancelled before it ran")
-            self.traces.cancelled_in_queue(q)
+            await self._cancel_unstarted(q)
         calls = [self.actors.call(r.supervisor, "cancel", eval_id, r.shard_id, hard, timeout=CANCEL_TIMEOUT_S)
                  for r in list(self.running.values()) if r.eval_id == eval_id and r.supervisor]
         if calls:
             await asyncio.gather(*calls, return_exceptions=True)
         await self._maybe_finish(eval_id)
         return True
+
+    async def _cancel_unstarted(self, q: QueuedShard) -> None:
+        """A shard cancelled before any supervisor had it: its warm-sandbox claim let go."""
+        self.pools.claimed.pop((q.eval_id, q.shard_id), None)
+        await self.db.transition_shard(q.eval_id, q.shard_id, "cancelled", expect="queued",
+                                       error="cancelled before it ran")
+        self.traces.cancelled_in_queue(q)
 
     async def stop_all(self, hard: bool = True) -> list[str]:
         ids = {r.eval_id for r in self.running.values()} | {e for e, _ in list(self.queue._index)}
@@ -296,10 +300,7 @@ class Scheduler(Recovery):
         if q.eval_id in self.cancelling:  # cancelled after its admission took it off the queue
             remove_group(pg)
             self.running.pop(key, None)
-            self.pools.claimed.pop(key, None)
-            await self.db.transition_shard(q.eval_id, q.shard_id, "cancelled", expect="queued",
-                                           error="cancelled before it ran")
-            self.traces.cancelled_in_queue(q)
+            await self._cancel_unstarted(q)
             await self._maybe_finish(q.eval_id)
             return
         if not await self.db.transition_shard(q.eval_id, q.shard_id, "scheduled", expect="queued",
@@ -324,8 +325,11 @@ class Scheduler(Recovery):
         else:
             if q.eval_id in self.cancelling:  # a cancel while it was handed over may have reached
                 # the supervisor before the shard did (an emergency stop's marker stops it anyway)
-                await asyncio.gather(self.actors.call(supervisor, "cancel", q.eval_id, q.shard_id, False,
-                                                      timeout=CANCEL_TIMEOUT_S), return_exceptions=True)
+                try:
+                    await self.actors.call(supervisor, "cancel", q.eval_id, q.shard_id, False,
+                                           timeout=CANCEL_TIMEOUT_S)
+                except Exception as exc:  # gone meanwhile: reconciliation ends the shard
+                    log.warning("cancel of %s/%s at %s failed: %s", q.eval_id, q.shard_id, supervisor, exc)
         if self.running.get(key) is entry:
             entry.since = time.monotonic()
 
