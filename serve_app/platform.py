@@ -165,9 +165,30 @@ def _start_control_plane_and_api(settings: Settings, address: str) -> None:
     from .deployment import APP_NAME, deployment
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its start-up notes are not the user's business
-    serve.start(http_options={"host": "127.0.0.1", "port": settings.api_port})
+    proxies = _start_serve({"host": "127.0.0.1", "port": settings.api_port})
     serve.run(deployment(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    ray.get(proxies, timeout=READY_TIMEOUT_S)
     launch.ready()
+
+
+def _start_serve(http_options: dict[str, Any]) -> list[Any]:
+    """Start Serve's controller unless it runs, and return its proxies' readiness refs
+    without waiting for them: `serve.start` waits for the proxies (HTTP, and HAProxy's
+    manager and fallback proxy) before anything can be deployed, ~6 s on two cores, and
+    the replica does not need them to start. Ray's private helper that `serve.start`
+    itself calls; on a Ray without it, `serve.start` (and nothing to wait for)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is not None:
+        return []
+    try:
+        from ray.serve._private.api import _coerce_controller_options, _create_controller_and_proxy_refs
+    except ImportError:
+        serve.start(http_options=http_options)
+        return []
+    _, proxies = _create_controller_and_proxy_refs(http_options, None, None, None, _coerce_controller_options(None))
+    return list(proxies)
 
 
 def _wait_answers(url: str, what: str, ok: Any, timeout: float = READY_TIMEOUT_S) -> None:

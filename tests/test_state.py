@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -99,6 +101,28 @@ def test_opening_migrates_to_head_and_reopening_is_a_noop(db_url: str) -> None:
     with StateStore(db_url) as again:
         assert again.get_evaluation("ev-1") is not None
     assert raw(db_url, "SELECT version_num FROM alembic_version") == [(migrations.head(),)]
+
+
+def test_head_is_alembics_head_and_reopening_does_not_load_alembic(db_url: str) -> None:
+    assert migrations.HEAD == migrations.head()  # a new revision moves HEAD with it
+    StateStore(db_url).close()
+    code = ("import sys; from cluster.state import StateStore; StateStore(sys.argv[1]).close(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))")
+    out = subprocess.run([sys.executable, "-c", code, db_url], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_database_of_a_newer_proctor_is_refused_and_left_as_it_is(db_url: str) -> None:
+    StateStore(db_url).close()
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    finally:
+        engine.dispose()
+    with pytest.raises(StateError, match="upgrade Proctor"):
+        StateStore(db_url)
+    assert raw(db_url, "SELECT version_num FROM alembic_version") == [("9999",)]
 
 
 def inspect_tables(url: str) -> list[str]:

@@ -32,7 +32,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from alembic.util.exc import CommandError
 from sqlalchemy import (Connection, Engine, and_, create_engine, event, func, insert, literal, or_, select,
                         update)
 from sqlalchemy.engine import make_url
@@ -206,7 +205,7 @@ class StateStore:
                 if self.dialect == "postgresql":
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 migrations.upgrade(conn)
-        except CommandError as exc:
+        except migrations.MigrationError as exc:
             raise StateError(f"state store {self.safe_url}: cannot migrate its schema ({exc}); a newer "
                              "Proctor may have written it: upgrade Proctor") from exc
 
