@@ -180,12 +180,14 @@ def _start_serve(http_options: dict[str, Any]) -> list[Any]:
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    if _get_global_client(raise_if_no_controller_running=False) is not None:
-        return []
     try:
         from ray.serve._private.api import _coerce_controller_options, _create_controller_and_proxy_refs
     except ImportError:
-        serve.start(http_options=http_options)
+        private = False
+    else:
+        private = True
+    if not private or _get_global_client(raise_if_no_controller_running=False) is not None:
+        serve.start(http_options=http_options)  # a running Serve: checks its HTTP options are these
         return []
     _, proxies = _create_controller_and_proxy_refs(http_options, None, None, None, _coerce_controller_options(None))
     return list(proxies)

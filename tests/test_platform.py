@@ -114,6 +114,22 @@ def test_up_returns_once_the_api_and_the_dashboard_answer(platform: dict[str, An
     assert platform["stderr"] == ""  # a quiet start: nothing the user did not cause
 
 
+def test_up_again_keeps_the_running_platform(platform: dict[str, Any]) -> None:
+    """`up` is idempotent: a second one finds its Ray head, Serve and dashboard running,
+    starts none of them again, and returns with the API and the dashboard answering."""
+    record = json.loads((platform["home"] / "platform.json").read_text())
+    dashboard = (platform["home"] / "dashboard.pid").read_text()
+    again = subprocess.run([str(VENV_BIN / "proctor"), "up", "--json"], env=platform["env"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    info = json.loads(again.stdout)
+    assert info["api"] == platform["api"] and info["dashboard_ui"] == platform["dashboard_ui"]
+    assert json.loads((platform["home"] / "platform.json").read_text())["ray"] == record["ray"]
+    assert (platform["home"] / "dashboard.pid").read_text() == dashboard
+    assert httpx.get(f"{info['api']}/api/v1/health", timeout=5).json()["ready"] is True
+    assert httpx.get(info["dashboard_ui"], timeout=5).status_code == 200
+
+
 def listening(pids: list[int]) -> dict[int, int]:
     """{port: pid} of the TCP sockets these processes listen on (/proc/net/tcp, their fds)."""
     owner = {}
