@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 HERE = Path(__file__).resolve().parent
-HEAD = "0002"  # the newest revision in versions/ (a test checks it is Alembic's head)
+# the newest revision: versions/ holds NNNN_what.py with revision "NNNN" (a test checks
+# that this is Alembic's head)
+HEAD = max(p.name.split("_", 1)[0] for p in (HERE / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
 
 
 class MigrationError(RuntimeError):
