@@ -141,3 +141,42 @@ def test_only_unreachable_databases_are_retried_and_only_for_the_window() -> Non
     assert len(calls) > 3 and calls[-1] <= 5.0  # backed off, and gave up inside its window
     with pytest.raises(ValueError):
         again(lambda: (_ for _ in ()).throw(ValueError("no")), 5.0, "test", sleep=lambda s: None)
+
+
+class BrokenReads:
+    """The next `count` statements fail as on a connection the server dropped."""
+
+    def __init__(self, store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        dialect = store._engine.dialect
+        error = dialect.loaded_dbapi.OperationalError
+        original = dialect.do_execute
+
+        def do_execute(cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+            if self.count:
+                self.count -= 1
+                raise error("server closed the connection unexpectedly")
+            original(cursor, statement, parameters, context)
+
+        monkeypatch.setattr(dialect, "do_execute", do_execute)
+
+
+def test_reads_of_one_shard_ride_out_a_dropped_connection(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a supervisor reads as a shard starts (a connection reset there failed the shard)."""
+    new_evaluation(store)
+    broken = BrokenReads(store, monkeypatch)
+    broken.count = 1
+    shard = store.shard("ev-1", "s0")
+    assert shard is not None and shard.sample_ids == ("a", "b") and broken.count == 0
+    broken.count = 1
+    assert store.get_evaluation("ev-1") is not None and broken.count == 0
+
+
+def test_every_call_of_the_store_that_reaches_the_database_retries() -> None:
+    """Each public method is `retried` (or only calls methods that are): one left out lets a
+    moment's reset fail whatever called it."""
+    delegates = {"close", "create_token"}  # close() ends the engine; create_token stores through _store_token
+    plain = [name for name, member in vars(StateStore).items()
+             if callable(member) and not name.startswith("_") and name not in delegates
+             and not hasattr(member, "__wrapped__")]
+    assert plain == []

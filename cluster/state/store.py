@@ -438,6 +438,7 @@ class StateStore:
             rows = conn.execute(select(S).where(S.c.eval_id == eval_id).order_by(S.c.shard_id)).all()
         return [Shard.from_row(r) for r in rows]
 
+    @retried
     def shard(self, eval_id: str, shard_id: str) -> Shard | None:
         """One shard by its id (its primary key: one row read), or None."""
         with self._tx() as conn:
